@@ -1,0 +1,159 @@
+/**
+ * Configuration: one valibot schema, three sources. A TOML file (--config),
+ * the environment (MULTIGRES_*) and command-line flags, flags winning over
+ * the environment winning over the file. Every problem is reported with the
+ * source it came from, all at once, so one run fixes them all.
+ */
+import * as v from "valibot";
+
+const hostPort = (what: string) =>
+  v.pipe(
+    v.string(),
+    v.regex(/^(\[[0-9a-fA-F:.]+\]|[^\s:]+):\d{1,5}$/, `${what} must be HOST:PORT`),
+    v.transform((s) => {
+      const cut = s.lastIndexOf(":");
+      return { host: s.slice(0, cut).replace(/^\[(.*)\]$/, "$1"), port: Number(s.slice(cut + 1)) };
+    }),
+    v.check((a) => a.port <= 65535, `${what} port must be at most 65535`),
+  );
+
+const milliseconds = v.pipe(
+  v.union([v.number(), v.pipe(v.string(), v.regex(/^\d+$/, "must be a whole number of milliseconds"))]),
+  v.transform(Number),
+  v.integer(),
+  v.minValue(0),
+);
+
+const pattern = v.pipe(
+  v.string(),
+  v.minLength(1, "must not be empty"),
+  v.rawCheck(({ dataset, addIssue }) => {
+    if (!dataset.typed) return;
+    try {
+      new RegExp(dataset.value);
+    } catch (e) {
+      addIssue({ message: `is not a valid regular expression: ${(e as Error).message}` });
+    }
+  }),
+  // Anchored so that the whole tenant id must match, whatever the operator wrote.
+  v.transform((s) => new RegExp(`^(?:${s})$`)),
+);
+
+const settingName = v.pipe(
+  v.string(),
+  v.regex(/^[A-Za-z_][A-Za-z0-9_$]*\.[A-Za-z_][A-Za-z0-9_$.]*$/, "must be a custom setting name like app.current_tenant_id"),
+);
+
+export const ConfigSchema = v.object({
+  listen: hostPort("listen"),
+  upstream: hostPort("upstream"),
+  separator: v.pipe(v.string(), v.minLength(1, "must not be empty")),
+  tenantSetting: settingName,
+  tenantPattern: pattern,
+  superusers: v.array(v.pipe(v.string(), v.minLength(1, "must not be empty"))),
+  role: v.optional(v.pipe(v.string(), v.minLength(1, "must not be empty"))),
+  md5Auth: v.picklist(["loopback", "refuse"], 'must be "loopback" or "refuse"'),
+  startupTimeout: milliseconds,
+  logLevel: v.picklist(["silent", "error", "warn", "info", "debug", "trace"], "must be one of silent, error, warn, info, debug, trace"),
+});
+
+export type Config = v.InferOutput<typeof ConfigSchema>;
+type Key = keyof v.InferInput<typeof ConfigSchema>;
+
+interface Option {
+  key: Key;
+  flag: string;
+  file: string;
+  env: string;
+  list?: boolean;
+  default?: string | string[];
+  description: string;
+}
+
+/** The one list of options: names in every source, defaults and help text. */
+export const OPTIONS: readonly Option[] = [
+  { key: "listen", flag: "listen", file: "listen", env: "MULTIGRES_LISTEN", default: "127.0.0.1:6432", description: "Address the proxy accepts clients on (HOST:PORT; port 0 picks a free one)" },
+  { key: "upstream", flag: "upstream", file: "upstream", env: "MULTIGRES_UPSTREAM", default: "127.0.0.1:5432", description: "PostgreSQL server to forward to (HOST:PORT)" },
+  { key: "separator", flag: "separator", file: "separator", env: "MULTIGRES_SEPARATOR", default: ".", description: "Separator between role and tenant in the user name; the tenant follows the last one" },
+  { key: "tenantSetting", flag: "tenant-setting", file: "tenant_setting", env: "MULTIGRES_TENANT_SETTING", default: "app.current_tenant_id", description: "Setting that carries the tenant id in the session" },
+  { key: "tenantPattern", flag: "tenant-pattern", file: "tenant_pattern", env: "MULTIGRES_TENANT_PATTERN", default: "[A-Za-z0-9_-]{1,63}", description: "Regular expression a tenant id must match in full" },
+  { key: "superusers", flag: "superuser", file: "superusers", env: "MULTIGRES_SUPERUSERS", list: true, default: ["postgres"], description: "User passed through with no tenant and no context (repeatable; env: comma-separated)" },
+  { key: "role", flag: "role", file: "role", env: "MULTIGRES_ROLE", description: "Role to SET ROLE to after login (default: the role from the user name)" },
+  { key: "md5Auth", flag: "md5-auth", file: "md5_auth", env: "MULTIGRES_MD5_AUTH", default: "loopback", description: "MD5 users: \"loopback\" asks loopback clients for the password and answers the server; \"refuse\" rejects them" },
+  { key: "startupTimeout", flag: "startup-timeout", file: "startup_timeout", env: "MULTIGRES_STARTUP_TIMEOUT", default: "15000", description: "Milliseconds a client has to finish startup and authentication (0 = no limit)" },
+  { key: "logLevel", flag: "log-level", file: "log_level", env: "MULTIGRES_LOG_LEVEL", default: "info", description: "silent, error, warn, info, debug or trace" },
+];
+
+export type Flags = Partial<Record<string, string | string[] | undefined>>;
+
+export interface Sources {
+  flags?: Flags;
+  env?: Record<string, string | undefined>;
+  /** Parsed TOML and the path it came from. */
+  file?: { path: string; data: Record<string, unknown> };
+}
+
+export class ConfigError extends Error {
+  constructor(readonly problems: string[]) {
+    super(`invalid configuration:\n${problems.map((p) => `  - ${p}`).join("\n")}`);
+  }
+}
+
+/** Merge the sources and validate; throws ConfigError listing every problem. */
+export function resolveConfig(sources: Sources): Config {
+  const problems: string[] = [];
+  const merged: Record<string, unknown> = {};
+  const origin: Record<string, string> = {};
+
+  if (sources.file) {
+    const known = new Set(OPTIONS.map((o) => o.file));
+    for (const key of Object.keys(sources.file.data)) {
+      if (!known.has(key)) problems.push(`${sources.file.path}: unknown key "${key}"`);
+    }
+  }
+
+  for (const o of OPTIONS) {
+    const flag = sources.flags?.[o.flag];
+    const env = sources.env?.[o.env];
+    const file = sources.file?.data[o.file];
+    if (flag !== undefined && !(Array.isArray(flag) && flag.length === 0)) {
+      merged[o.key] = o.list ? [flag].flat() : [flag].flat().at(-1);
+      origin[o.key] = `--${o.flag}`;
+    } else if (env !== undefined && env !== "") {
+      merged[o.key] = o.list ? env.split(",").map((s) => s.trim()).filter(Boolean) : env;
+      origin[o.key] = `${o.env} (environment)`;
+    } else if (file !== undefined) {
+      merged[o.key] = file;
+      origin[o.key] = `${o.file} in ${sources.file!.path}`;
+    } else if (o.default !== undefined) {
+      merged[o.key] = o.default;
+      origin[o.key] = `default for ${o.key}`;
+    }
+  }
+
+  const result = v.safeParse(ConfigSchema, merged);
+  if (!result.success) {
+    for (const issue of result.issues) {
+      const key = String(issue.path?.[0]?.key ?? "");
+      const shown = key in merged ? JSON.stringify(merged[key]) : "(missing)";
+      problems.push(`${origin[key] ?? key}: ${issue.message} (got ${shown})`);
+    }
+  }
+  if (problems.length > 0 || !result.success) throw new ConfigError(problems);
+  return result.output;
+}
+
+/** Read and parse a TOML config file; problems become ConfigErrors. */
+export async function readConfigFile(path: string): Promise<{ path: string; data: Record<string, unknown> }> {
+  let text: string;
+  try {
+    text = await Bun.file(path).text();
+  } catch (e) {
+    throw new ConfigError([`${path}: cannot read config file (${(e as Error).message})`]);
+  }
+  try {
+    return { path, data: Bun.TOML.parse(text) as Record<string, unknown> };
+  } catch (e) {
+    throw new ConfigError([`${path}: not valid TOML (${(e as Error).message})`]);
+  }
+}

@@ -1,0 +1,91 @@
+/**
+ * Who a connection is: a superuser passing straight through, or an app role
+ * acting for one tenant. Pure: the user name and the rules in, a verdict out.
+ */
+
+export interface IdentityRules {
+  separator: string;
+  tenantPattern: RegExp;
+  superusers: readonly string[];
+}
+
+export type Identity =
+  | { kind: "superuser"; user: string }
+  | { kind: "tenant"; user: string; role: string; tenant: string }
+  | { kind: "rejected"; message: string; hint: string };
+
+export function resolveIdentity(user: string | undefined, rules: IdentityRules): Identity {
+  const hint = `connect as <role>${rules.separator}<tenant>, e.g. "app_user${rules.separator}tenant_abc"`;
+  if (!user) return { kind: "rejected", message: "no user name in startup packet", hint };
+  if (rules.superusers.includes(user)) return { kind: "superuser", user };
+
+  // The tenant follows the *last* separator, so roles may contain it.
+  const cut = user.lastIndexOf(rules.separator);
+  if (cut < 0) {
+    return { kind: "rejected", message: `user name "${user}" carries no tenant`, hint };
+  }
+  const role = user.slice(0, cut);
+  const tenant = user.slice(cut + rules.separator.length);
+  if (role === "") return { kind: "rejected", message: `user name "${user}" has no role before the tenant`, hint };
+  if (!rules.tenantPattern.test(tenant)) {
+    return {
+      kind: "rejected",
+      message: `invalid tenant id "${printable(tenant)}"`,
+      hint: `tenant ids must match ${rules.tenantPattern.source}; ${hint}`,
+    };
+  }
+  return { kind: "tenant", user, role, tenant };
+}
+
+/** Startup parameters a client may not send: they would set the context itself. */
+export function forbiddenStartupParameter(
+  params: ReadonlyMap<string, string>,
+  protectedSettings: readonly string[],
+): string | undefined {
+  const isProtected = (name: string) =>
+    protectedSettings.some((p) => p.toLowerCase() === name.toLowerCase().replace(/-/g, "_"));
+  for (const [key, value] of params) {
+    if (isProtected(key)) return key;
+    if (key === "options") {
+      const hit = optionSettings(value).find(isProtected);
+      if (hit) return `options (-c ${hit})`;
+    }
+  }
+  return undefined;
+}
+
+/**
+ * Setting names in an `options` value, which Postgres reads as command-line
+ * switches: "-c name=value", "-cname=value" or "--name=value", separated by
+ * whitespace, with backslash escaping the next character.
+ */
+export function optionSettings(options: string): string[] {
+  const words: string[] = [];
+  let word = "";
+  for (let i = 0; i < options.length; i++) {
+    const ch = options[i]!;
+    if (ch === "\\" && i + 1 < options.length) word += options[++i];
+    else if (/\s/.test(ch)) {
+      if (word) words.push(word);
+      word = "";
+    } else word += ch;
+  }
+  if (word) words.push(word);
+
+  const names: string[] = [];
+  for (let i = 0; i < words.length; i++) {
+    const w = words[i]!;
+    let assignment: string | undefined;
+    if (w === "-c") assignment = words[++i];
+    else if (w.startsWith("--")) assignment = w.slice(2);
+    else if (w.startsWith("-c")) assignment = w.slice(2);
+    if (assignment) names.push(assignment.split("=")[0]!);
+  }
+  return names;
+}
+
+/** Never echo control characters or unbounded input into an error message. */
+function printable(s: string): string {
+  const clipped = s.length > 80 ? `${s.slice(0, 80)}…` : s;
+  return clipped.replace(/[\u0000-\u001f\u007f]/g, "?");
+}
