@@ -42,6 +42,7 @@ export class Session implements ServerOwner {
   md5Salt: Uint8Array | undefined;
   serverKey: CancelKey | undefined;
   heldReady: Uint8Array | undefined;
+  heldReadyAt = 0;
   heldClient: Uint8Array[] = [];
 
   private server: ServerConnection | undefined;
