@@ -1,0 +1,171 @@
+/**
+ * A SQL lexer, just deep enough to find statements reliably: it knows
+ * comments (nested block comments too), quoted identifiers, standard and
+ * E'' strings, dollar quotes, and where one statement ends and the next
+ * begins. Words inside literals, comments and quoted identifiers are never
+ * mistaken for keywords. Pure; never throws: unterminated input simply ends.
+ */
+
+export type Token =
+  | { kind: "word"; value: string } // keyword or unquoted identifier, lowercased
+  | { kind: "ident"; value: string } // "quoted identifier", as written
+  | { kind: "string"; value: string } // any string literal, decoded
+  | { kind: "param"; value: string } // $1
+  | { kind: "number"; value: string }
+  | { kind: "op"; value: string }; // punctuation and operators, one token each
+
+const WORD_START = /[A-Za-z_\u0080-\uffff]/;
+const WORD_PART = /[A-Za-z0-9_$\u0080-\uffff]/;
+const DOLLAR_TAG = /^\$([A-Za-z_\u0080-\uffff][A-Za-z0-9_\u0080-\uffff]*)?\$/;
+
+/**
+ * @param backslashStrings read '' strings the way the server does when
+ *   standard_conforming_strings is off (backslash escapes). A session can
+ *   switch that setting, so the guard checks both readings.
+ */
+export function lex(sql: string, backslashStrings = false): Token[] {
+  const tokens: Token[] = [];
+  let i = 0;
+  const n = sql.length;
+  while (i < n) {
+    const c = sql[i]!;
+    const next = sql[i + 1];
+
+    if (c === " " || c === "\t" || c === "\n" || c === "\r" || c === "\f") {
+      i++;
+    } else if (c === "-" && next === "-") {
+      const eol = sql.indexOf("\n", i);
+      i = eol < 0 ? n : eol + 1;
+    } else if (c === "/" && next === "*") {
+      i = skipBlockComment(sql, i);
+    } else if (c === "'") {
+      const [value, end] = quoted(sql, i + 1, "'", backslashStrings);
+      tokens.push({ kind: "string", value });
+      i = end;
+    } else if ((c === "E" || c === "e") && next === "'") {
+      const [value, end] = quoted(sql, i + 2, "'", true);
+      tokens.push({ kind: "string", value });
+      i = end;
+    } else if ((c === "U" || c === "u") && next === "&" && (sql[i + 2] === "'" || sql[i + 2] === '"')) {
+      // Unicode escapes are left undecoded: close enough to compare names.
+      const q = sql[i + 2]!;
+      const [value, end] = quoted(sql, i + 3, q, false);
+      tokens.push(q === "'" ? { kind: "string", value } : { kind: "ident", value });
+      i = end;
+    } else if ((c === "B" || c === "b" || c === "X" || c === "x") && next === "'") {
+      const [value, end] = quoted(sql, i + 2, "'", false);
+      tokens.push({ kind: "string", value });
+      i = end;
+    } else if (c === '"') {
+      const [value, end] = quoted(sql, i + 1, '"', false);
+      tokens.push({ kind: "ident", value });
+      i = end;
+    } else if (c === "$") {
+      const tag = DOLLAR_TAG.exec(sql.slice(i, i + 256));
+      if (tag) {
+        const close = sql.indexOf(tag[0], i + tag[0].length);
+        const end = close < 0 ? n : close;
+        tokens.push({ kind: "string", value: sql.slice(i + tag[0].length, end) });
+        i = close < 0 ? n : close + tag[0].length;
+      } else {
+        let j = i + 1;
+        while (j < n && sql[j]! >= "0" && sql[j]! <= "9") j++;
+        tokens.push(j > i + 1 ? { kind: "param", value: sql.slice(i, j) } : { kind: "op", value: "$" });
+        i = j > i + 1 ? j : i + 1;
+      }
+    } else if (WORD_START.test(c)) {
+      let j = i + 1;
+      while (j < n && WORD_PART.test(sql[j]!)) j++;
+      tokens.push({ kind: "word", value: sql.slice(i, j).toLowerCase() });
+      i = j;
+    } else if (c >= "0" && c <= "9") {
+      let j = i + 1;
+      while (j < n && /[0-9.eE_a-fA-FxXoObB]/.test(sql[j]!)) j++;
+      tokens.push({ kind: "number", value: sql.slice(i, j) });
+      i = j;
+    } else {
+      tokens.push({ kind: "op", value: c });
+      i++;
+    }
+  }
+  return tokens;
+}
+
+/** Split a token stream into statements at top-level semicolons. */
+export function statements(tokens: readonly Token[]): Token[][] {
+  const out: Token[][] = [];
+  let current: Token[] = [];
+  for (const t of tokens) {
+    if (t.kind === "op" && t.value === ";") {
+      if (current.length > 0) out.push(current);
+      current = [];
+    } else {
+      current.push(t);
+    }
+  }
+  if (current.length > 0) out.push(current);
+  return out;
+}
+
+function skipBlockComment(sql: string, start: number): number {
+  let depth = 0;
+  let i = start;
+  while (i < sql.length) {
+    if (sql[i] === "/" && sql[i + 1] === "*") {
+      depth++;
+      i += 2;
+    } else if (sql[i] === "*" && sql[i + 1] === "/") {
+      depth--;
+      i += 2;
+      if (depth === 0) return i;
+    } else {
+      i++;
+    }
+  }
+  return sql.length;
+}
+
+/**
+ * Read a quoted run up to its closing quote; a doubled quote stands for
+ * itself. With `backslashes` (E'' strings) a backslash escapes the next
+ * character. Returns the decoded text and the index after the close.
+ */
+function quoted(sql: string, start: number, quote: string, backslashes: boolean): [string, number] {
+  let value = "";
+  let i = start;
+  while (i < sql.length) {
+    const c = sql[i]!;
+    if (backslashes && c === "\\" && i + 1 < sql.length) {
+      value += unescape(sql[i + 1]!);
+      i += 2;
+    } else if (c === quote) {
+      if (sql[i + 1] === quote) {
+        value += quote;
+        i += 2;
+      } else {
+        return [value, i + 1];
+      }
+    } else {
+      value += c;
+      i++;
+    }
+  }
+  return [value, sql.length];
+}
+
+function unescape(c: string): string {
+  switch (c) {
+    case "n":
+      return "\n";
+    case "t":
+      return "\t";
+    case "r":
+      return "\r";
+    case "b":
+      return "\b";
+    case "f":
+      return "\f";
+    default:
+      return c;
+  }
+}

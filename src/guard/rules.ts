@@ -1,0 +1,115 @@
+/**
+ * The proxy's guard: statements that would change the role or a protected
+ * setting are refused before they reach the server. Defence in depth only;
+ * the database's own check (current_tenant_id() verifying the signature) is
+ * what the guarantee rests on, and it holds with the guard switched off.
+ */
+import { lex, statements, type Token } from "./lexer.ts";
+
+export interface Verdict {
+  /** What was refused, for the error message. */
+  statement: string;
+  reason: string;
+}
+
+/** Settings that establish identity: the tenant context, its signature, the role. */
+export function protectedSettings(tenantSetting: string, signatureSetting: string): string[] {
+  return [tenantSetting, signatureSetting, "role", "session_authorization"].map((s) => s.toLowerCase());
+}
+
+/** Cheap pre-check: text without these letters cannot hold a forbidden statement. */
+const MAYBE = /set|discard|do|alter/i;
+
+export function checkSql(sql: string, protectedNames: readonly string[]): Verdict | undefined {
+  if (!MAYBE.test(sql)) return undefined;
+  // Both readings of '' strings: a session may turn standard_conforming_strings off.
+  return check(lex(sql, false), protectedNames, 0) ?? check(lex(sql, true), protectedNames, 0);
+}
+
+function check(tokens: Token[], names: readonly string[], depth: number): Verdict | undefined {
+  for (const stmt of statements(tokens)) {
+    const v = checkStatement(stmt, names, depth);
+    if (v) return v;
+  }
+  return undefined;
+}
+
+function checkStatement(t: Token[], names: readonly string[], depth: number): Verdict | undefined {
+  const word = (i: number) => (t[i]?.kind === "word" ? t[i]!.value : undefined);
+  let i = 0;
+  const head = word(0);
+
+  if (head === "set" || head === "reset") {
+    i = 1;
+    if (head === "set" && (word(1) === "session" || word(1) === "local")) {
+      // SET SESSION AUTHORIZATION vs SET SESSION <name>
+      if (!(word(1) === "session" && word(2) === "authorization")) i = 2;
+    }
+    const target = settingName(t, i);
+    if (target === "all" && head === "reset") return refuse(t, "RESET ALL would clear the tenant context and role");
+    if (target === "session" && word(i + 1) === "authorization") return refuse(t, "the session user is fixed by the proxy");
+    if (target && names.includes(target)) return refuse(t, `${target} is set by the proxy and cannot be changed`);
+  }
+
+  if (head === "discard" && word(1) === "all") {
+    return refuse(t, "DISCARD ALL would clear the tenant context and role");
+  }
+
+  // ALTER ROLE/USER … SET <protected> (a role may set its own defaults).
+  if (head === "alter" && (word(1) === "role" || word(1) === "user")) {
+    for (let j = 2; j < t.length; j++) {
+      if (word(j) === "set" || word(j) === "reset") {
+        const target = settingName(t, j + 1);
+        if (target && (names.includes(target) || target === "all")) {
+          return refuse(t, `${target} is set by the proxy and cannot be changed`);
+        }
+      }
+    }
+  }
+
+  // set_config('<protected>', …) anywhere in an expression.
+  for (let j = 0; j < t.length - 2; j++) {
+    const tok = t[j]!;
+    if (tok.kind !== "word" && tok.kind !== "ident") continue;
+    if (tok.value.toLowerCase() !== "set_config") continue;
+    if (t[j + 1]?.kind !== "op" || t[j + 1]!.value !== "(") continue;
+    const arg = t[j + 2]!;
+    if (arg.kind === "string" && names.includes(arg.value.trim().toLowerCase())) {
+      return refuse(t, `${arg.value} is set by the proxy and cannot be changed`);
+    }
+  }
+
+  // DO blocks and function bodies: look inside once (dynamic SQL built at
+  // run time is left to the database check).
+  const hasBody = head === "do" || (head === "create" && t.some((x) => x.kind === "word" && (x.value === "function" || x.value === "procedure")));
+  if (hasBody && depth === 0) {
+    for (const tok of t) {
+      if (tok.kind === "string") {
+        const inner = check(lex(tok.value), names, depth + 1) ?? check(lex(tok.value, true), names, depth + 1);
+        if (inner) return inner;
+      }
+    }
+  }
+  return undefined;
+}
+
+/** The setting name starting at token i: `name`, `"name"`, `a.b`, `"a"."b"`. */
+function settingName(t: Token[], i: number): string | undefined {
+  const first = t[i];
+  if (!first || (first.kind !== "word" && first.kind !== "ident")) return undefined;
+  let name = first.value;
+  while (t[i + 1]?.kind === "op" && t[i + 1]!.value === "." && (t[i + 2]?.kind === "word" || t[i + 2]?.kind === "ident")) {
+    name += `.${t[i + 2]!.value}`;
+    i += 2;
+  }
+  return name.toLowerCase();
+}
+
+function refuse(t: Token[], reason: string): Verdict {
+  const shown = t
+    .slice(0, 6)
+    .map((x) => (x.kind === "string" ? "'…'" : x.kind === "ident" ? `"${x.value}"` : x.kind === "word" ? x.value.toUpperCase() : x.value))
+    .join(" ")
+    .replace(/ ?([.(]) ?/g, "$1");
+  return { statement: t.length > 6 ? `${shown} …` : shown, reason };
+}
