@@ -17,7 +17,9 @@
  *   per-method auth tests need that server's pg_hba.conf to contain HBA_LINES.
  *
  * Fixtures (both modes), in database `db`:
- * - sql/setup.sql (current_tenant_id(), multigres.enable_tenant_rls());
+ * - sql/setup.sql (current_tenant_id(), multigres.enable_tenant_rls()) and,
+ *   when setup.sql has multigres.add_context_key(), the key for CONTEXT_SECRET
+ *   (startProxy passes that secret to every proxy);
  * - roles app_user (SCRAM), md5_user (MD5 verifier), clear_user (cleartext
  *   method, SCRAM verifier), trust_user (trust): all LOGIN NOSUPERUSER
  *   NOBYPASSRLS, all granted the app tables, so each can act as an app role;
@@ -26,6 +28,7 @@
  *   rows in NOTES for tenant_a and tenant_b.
  */
 import { chownSync, existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { createHmac } from "node:crypto";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
@@ -78,6 +81,22 @@ export const HBA_LINES = [
   `host    all       ${TRUST_USER}  127.0.0.1/32   trust`,
   "host    all       all         127.0.0.1/32   scram-sha-256",
 ];
+
+/**
+ * Secret the harness gives every proxy (MULTIGRES_CONTEXT_SECRET) to sign the
+ * tenant context with; the matching key is stored in the fixture database.
+ */
+export const CONTEXT_SECRET = "multigres-test-context-secret-0123456789";
+
+/**
+ * The 32-byte key the database stores for a proxy secret, as documented in
+ * sql/setup.sql (multigres.add_context_key): HMAC-SHA256(secret, "multigres
+ * context key v1"). Derived here independently of src/ on purpose, so a
+ * change in the proxy's derivation shows up as a failing test.
+ */
+export function contextKey(secret: string = CONTEXT_SECRET): Buffer {
+  return createHmac("sha256", secret).update("multigres context key v1").digest();
+}
 
 /** Rows seeded into `notes` for the two fixture tenants (body per row). */
 export const NOTES = {
@@ -255,6 +274,9 @@ async function installFixtures(sql: Sql): Promise<void> {
   });
 
   await sql.unsafe(readFileSync(SETUP_SQL_PATH, "utf8")); // no params → simple protocol, multi-statement
+  // Signed contexts (setup.sql schema v2+): store the key of CONTEXT_SECRET.
+  const [hasKeys] = await sql`SELECT to_regprocedure('multigres.add_context_key(bytea)') IS NOT NULL AS yes`;
+  if (hasKeys?.yes) await sql`SELECT multigres.add_context_key(${contextKey()})`;
 
   await sql.unsafe(`
     DROP TABLE IF EXISTS public.notes;

@@ -16,7 +16,7 @@ import { existsSync, mkdirSync, readdirSync, statSync } from "node:fs";
 import { join } from "node:path";
 import type { Subprocess } from "bun";
 import { onCleanup } from "./cleanup.ts";
-import { buildUrl, REPO_ROOT, type PgInstance, type UrlOptions } from "./postgres.ts";
+import { buildUrl, CONTEXT_SECRET, REPO_ROOT, type PgInstance, type UrlOptions } from "./postgres.ts";
 
 export const DEFAULT_BIN = join(REPO_ROOT, "dist", "multigres");
 export const BIN = process.env.MULTIGRES_BIN ?? DEFAULT_BIN;
@@ -96,7 +96,10 @@ export interface ProxyOptions {
   database?: string;
   /** Extra CLI arguments after `start --listen … --upstream …`. */
   args?: string[];
-  /** Extra environment (MULTIGRES_* from the test runner's env are not inherited). */
+  /**
+   * Extra environment. MULTIGRES_* from the test runner's env are not
+   * inherited; MULTIGRES_CONTEXT_SECRET defaults to CONTEXT_SECRET.
+   */
   env?: Record<string, string>;
   /** How long to wait for the "listening on" line (default 20 s). */
   startTimeoutMs?: number;
@@ -146,7 +149,11 @@ export async function startProxy(opts: ProxyOptions): Promise<ProxyHandle> {
   for (const [k, v] of Object.entries(process.env)) {
     if (v !== undefined && !k.startsWith("MULTIGRES_")) env[k] = v;
   }
-  Object.assign(env, { NO_COLOR: "1", FORCE_COLOR: "0" }, opts.env ?? {});
+  Object.assign(
+    env,
+    { NO_COLOR: "1", FORCE_COLOR: "0", MULTIGRES_CONTEXT_SECRET: CONTEXT_SECRET },
+    opts.env ?? {},
+  );
 
   const proc = Bun.spawn(cmd, { cwd: REPO_ROOT, env, stdin: "ignore", stdout: "pipe", stderr: "pipe" });
   live.add(proc);
