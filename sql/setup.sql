@@ -1,45 +1,107 @@
--- Multigres database setup.
+-- Multigres database setup, schema version 2.
 --
--- Run as a superuser (or the database owner) once per database; it is
--- idempotent, so running it again after an upgrade is safe:
+-- Run as a superuser once per database, or let `multigres setup` do it
+-- (which also stores the context key and hardens the app role). It is
+-- idempotent: running it again, after an upgrade too, is safe.
 --
---   psql "$ADMIN_URL" -f sql/setup.sql          (or: multigres sql | psql "$ADMIN_URL")
+--   multigres setup --database-url "$ADMIN_URL" --app-role app_user
+--   (or by hand: multigres sql | psql "$ADMIN_URL", then add a key, below)
 --
 -- What it gives you:
 --   current_tenant_id()                 the tenant the proxy established, or NULL
 --   multigres.enable_tenant_rls(table)  ENABLE + FORCE RLS and the tenant policy
+--   multigres.add_context_key(key)      store a key the proxy signs contexts with
 --
--- The app role (the part of the user name before the separator) must be
---   NOSUPERUSER NOBYPASSRLS and must not own the tenant tables,
--- otherwise RLS does not apply to it. For example:
+-- Why a signature: a custom setting like app.current_tenant_id can be set by
+-- any session (`SET app.current_tenant_id = 'other'`, or an SQL injection).
+-- So the proxy also sets app.current_tenant_id_sig = HMAC-SHA256(key, tenant ||
+-- '/' || backend pid), and current_tenant_id() returns the tenant only when
+-- that signature verifies against a key in multigres.context_keys, a table
+-- the app role cannot read. Anything a session sets by itself yields NULL,
+-- and NULL matches no rows. Bound to the backend pid, a signature copied
+-- out of one session is worthless in another.
 --
---   CREATE ROLE app_user LOGIN PASSWORD '…' NOSUPERUSER NOBYPASSRLS;
---   GRANT USAGE ON SCHEMA public TO app_user;
---   GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO app_user;
+-- The app role must be NOSUPERUSER NOBYPASSRLS and must not own the tenant
+-- tables, otherwise RLS does not apply to it.
 --
--- The setting read here is the proxy's default `app.current_tenant_id`.
--- If you run the proxy with another --tenant-setting, change it below too.
+-- The setting names are the proxy's defaults (app.current_tenant_id and
+-- app.current_tenant_id_sig); `multigres setup` rewrites them to match
+-- --tenant-setting.
 
 CREATE SCHEMA IF NOT EXISTS multigres;
 COMMENT ON SCHEMA multigres IS 'Multigres tenant-context helpers';
 GRANT USAGE ON SCHEMA multigres TO PUBLIC;
 
--- The tenant of this session, or NULL when no context was established.
--- '' counts as unset: after RESET, current_setting(name, true) returns ''
--- rather than NULL, and '' must never match a row.
+CREATE TABLE IF NOT EXISTS multigres.meta (
+  key text PRIMARY KEY,
+  value text NOT NULL
+);
+REVOKE ALL ON multigres.meta FROM PUBLIC;
+INSERT INTO multigres.meta VALUES ('schema_version', '2')
+  ON CONFLICT (key) DO UPDATE SET value = excluded.value;
+
+-- Keys the proxy may sign with. Two at once during a rotation. The HMAC
+-- pads are stored precomputed so that verifying costs two sha256() calls.
+CREATE TABLE IF NOT EXISTS multigres.context_keys (
+  key_id text PRIMARY KEY,
+  inner_pad bytea NOT NULL CHECK (length(inner_pad) = 64),
+  outer_pad bytea NOT NULL CHECK (length(outer_pad) = 64),
+  created_at timestamptz NOT NULL DEFAULT now()
+);
+REVOKE ALL ON multigres.context_keys FROM PUBLIC;
+
+-- Store a 32-byte key (as the proxy derives it from its secret; `multigres
+-- setup` does this for you). Returns the key id the proxy logs.
+CREATE OR REPLACE FUNCTION multigres.add_context_key(key bytea) RETURNS text
+  LANGUAGE plpgsql
+  SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  padded bytea := key || decode(repeat('00', 64 - length(key)), 'hex');
+  ipad bytea := padded;
+  opad bytea := padded;
+  id text := left(encode(sha256(key), 'hex'), 12);
+BEGIN
+  IF length(key) <> 32 THEN
+    RAISE EXCEPTION 'context keys are 32 bytes, got %', length(key);
+  END IF;
+  FOR i IN 0..63 LOOP
+    ipad := set_byte(ipad, i, get_byte(padded, i) # 54);  -- 0x36
+    opad := set_byte(opad, i, get_byte(padded, i) # 92);  -- 0x5c
+  END LOOP;
+  INSERT INTO multigres.context_keys (key_id, inner_pad, outer_pad)
+    VALUES (id, ipad, opad) ON CONFLICT (key_id) DO NOTHING;
+  RETURN id;
+END
+$$;
+REVOKE ALL ON FUNCTION multigres.add_context_key(bytea) FROM PUBLIC;
+
+-- The tenant of this session, or NULL unless the proxy established it.
+-- SECURITY DEFINER so it can read the keys; a fixed search_path so nothing
+-- the session creates can stand in for what it calls. '' counts as unset
+-- (after RESET, current_setting(name, true) returns '' rather than NULL).
 CREATE OR REPLACE FUNCTION multigres.current_tenant_id() RETURNS text
-  LANGUAGE sql STABLE PARALLEL SAFE
-  SET search_path = pg_catalog
-AS $$ SELECT nullif(current_setting('app.current_tenant_id', true), '') $$;
+  LANGUAGE sql STABLE SECURITY DEFINER PARALLEL SAFE
+  SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT s.tenant
+  FROM (SELECT nullif(current_setting('app.current_tenant_id', true), '') AS tenant,
+               nullif(current_setting('app.current_tenant_id_sig', true), '') AS sig) AS s
+  WHERE s.tenant IS NOT NULL
+    AND EXISTS (
+      SELECT 1 FROM multigres.context_keys AS k
+      WHERE encode(sha256(k.outer_pad || sha256(k.inner_pad
+              || convert_to(s.tenant || '/' || pg_backend_pid()::text, 'UTF8'))), 'hex') = s.sig)
+$$;
+REVOKE ALL ON FUNCTION multigres.current_tenant_id() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION multigres.current_tenant_id() TO PUBLIC;
 
 -- Resolvable from the default search_path ("$user", public), which is
 -- where policies and application SQL look for it.
 CREATE OR REPLACE FUNCTION public.current_tenant_id() RETURNS text
   LANGUAGE sql STABLE PARALLEL SAFE
-  SET search_path = pg_catalog
+  SET search_path = pg_catalog, pg_temp
 AS $$ SELECT multigres.current_tenant_id() $$;
-
-GRANT EXECUTE ON FUNCTION multigres.current_tenant_id() TO PUBLIC;
 GRANT EXECUTE ON FUNCTION public.current_tenant_id() TO PUBLIC;
 
 -- Turn on tenant isolation for one table: ENABLE and FORCE row-level
@@ -55,7 +117,7 @@ CREATE OR REPLACE FUNCTION multigres.enable_tenant_rls(
   tenant_column name DEFAULT 'tenant_id'
 ) RETURNS void
   LANGUAGE plpgsql
-  SET search_path = pg_catalog
+  SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
   EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', target);
@@ -68,5 +130,4 @@ BEGIN
     target, tenant_column, tenant_column);
 END
 $$;
-
 REVOKE ALL ON FUNCTION multigres.enable_tenant_rls(regclass, name) FROM PUBLIC;

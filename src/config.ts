@@ -54,6 +54,14 @@ export const ConfigSchema = v.object({
   role: v.optional(v.pipe(v.string(), v.minLength(1, "must not be empty"))),
   md5Auth: v.picklist(["loopback", "refuse"], 'must be "loopback" or "refuse"'),
   startupTimeout: milliseconds,
+  contextSecret: v.pipe(
+    v.string(),
+    v.minLength(32, "must be at least 32 characters (`multigres setup` generates one)"),
+  ),
+  guard: v.pipe(
+    v.union([v.boolean(), v.picklist(["on", "off", "true", "false"], 'must be "on" or "off"')]),
+    v.transform((x) => x === true || x === "on" || x === "true"),
+  ),
   logLevel: v.picklist(["silent", "error", "warn", "info", "debug", "trace"], "must be one of silent, error, warn, info, debug, trace"),
 });
 
@@ -62,7 +70,8 @@ type Key = keyof v.InferInput<typeof ConfigSchema>;
 
 interface Option {
   key: Key;
-  flag: string;
+  /** Absent for secrets: a flag would show in `ps`. */
+  flag?: string;
   file: string;
   env: string;
   list?: boolean;
@@ -81,6 +90,8 @@ export const OPTIONS: readonly Option[] = [
   { key: "role", flag: "role", file: "role", env: "MULTIGRES_ROLE", description: "Role to SET ROLE to after login (default: the role from the user name)" },
   { key: "md5Auth", flag: "md5-auth", file: "md5_auth", env: "MULTIGRES_MD5_AUTH", default: "loopback", description: "MD5 users: \"loopback\" asks loopback clients for the password and answers the server; \"refuse\" rejects them" },
   { key: "startupTimeout", flag: "startup-timeout", file: "startup_timeout", env: "MULTIGRES_STARTUP_TIMEOUT", default: "15000", description: "Milliseconds a client has to finish startup and authentication (0 = no limit)" },
+  { key: "contextSecret", file: "context_secret", env: "MULTIGRES_CONTEXT_SECRET", description: "Secret the tenant context is signed with (environment or file only; never logged)" },
+  { key: "guard", flag: "guard", file: "guard", env: "MULTIGRES_GUARD", default: "on", description: "Refuse statements that change the role or the tenant context (42501) before they reach the server: on or off" },
   { key: "logLevel", flag: "log-level", file: "log_level", env: "MULTIGRES_LOG_LEVEL", default: "info", description: "silent, error, warn, info, debug or trace" },
 ];
 
@@ -113,7 +124,7 @@ export function resolveConfig(sources: Sources): Config {
   }
 
   for (const o of OPTIONS) {
-    const flag = sources.flags?.[o.flag];
+    const flag = o.flag ? sources.flags?.[o.flag] : undefined;
     const env = sources.env?.[o.env];
     const file = sources.file?.data[o.file];
     if (flag !== undefined && !(Array.isArray(flag) && flag.length === 0)) {
@@ -135,7 +146,13 @@ export function resolveConfig(sources: Sources): Config {
   if (!result.success) {
     for (const issue of result.issues) {
       const key = String(issue.path?.[0]?.key ?? "");
-      const shown = key in merged ? JSON.stringify(merged[key]) : "(missing)";
+      const option = OPTIONS.find((o) => o.key === key);
+      if (!(key in merged) && option) {
+        const names = [option.flag && `--${option.flag}`, option.env, `${option.file} in the config file`].filter(Boolean);
+        problems.push(`${names.join(" / ")}: is required${option.key === "contextSecret" ? " (`multigres setup` generates one)" : ""}`);
+        continue;
+      }
+      const shown = key === "contextSecret" ? "(hidden)" : JSON.stringify(merged[key]);
       problems.push(`${origin[key] ?? key}: ${issue.message} (got ${shown})`);
     }
   }

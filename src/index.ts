@@ -14,8 +14,8 @@ import pkg from "../package.json" with { type: "json" };
 const configArgs: ArgsDef = {
   config: { type: "string", description: "TOML config file", valueHint: "FILE" },
   ...Object.fromEntries(
-    OPTIONS.map((o) => [
-      o.flag,
+    OPTIONS.filter((o) => o.flag).map((o) => [
+      o.flag!,
       {
         type: "string",
         description: `${o.description}${o.default !== undefined ? ` [default: ${[o.default].flat().join(", ")}]` : ""}`,
@@ -30,7 +30,7 @@ const start = defineCommand({
   args: configArgs,
   async run({ args }) {
     const flags: Flags = {};
-    for (const o of OPTIONS) flags[o.flag] = args[o.flag] as string | string[] | undefined;
+    for (const o of OPTIONS) if (o.flag) flags[o.flag] = args[o.flag] as string | string[] | undefined;
     let config;
     try {
       const file = args.config ? await readConfigFile(String(args.config)) : undefined;

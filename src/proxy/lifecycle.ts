@@ -5,7 +5,7 @@
  *      │  SSLRequest/GSSENCRequest: answer 'N', stay        │ auth relayed both ways
  *      │  CancelRequest: forward, close                      ▼ AuthenticationOk
  *      ▼ anything else: 08P01                            post_auth ──ReadyForQuery──▶ injecting ──ReadyForQuery──▶ transparent
- *    closed ◀────────── any failure: ErrorResponse, close ──┘    (context sent at AuthenticationOk, answered here)
+ *    closed ◀────────── any failure: ErrorResponse, close ──┘    (context sent at BackendKeyData, answered here)
  *
  * `(state, event) → handler → next state`. Events are named `client:<x>` /
  * `server:<x>` where x is a message type character for framed messages,
@@ -33,7 +33,8 @@ import {
 import type { StartupPacket } from "../protocol/startup.ts";
 import { md5PasswordResponse } from "../auth/md5.ts";
 import { forbiddenStartupParameter, resolveIdentity } from "../tenant/identity.ts";
-import { contextMessages } from "../tenant/context.ts";
+import { contextMessages, signatureSetting } from "../tenant/context.ts";
+import { protectedSettings } from "../guard/rules.ts";
 import type { Session } from "./session.ts";
 
 export type State = "startup" | "connecting" | "authenticating" | "post_auth" | "injecting" | "transparent" | "closed";
@@ -74,7 +75,7 @@ export const lifecycle: Record<State, Record<string, Handler>> = {
   post_auth: {
     "server:S": relay,
     "server:N": relay,
-    "server:K": issueCancelKey,
+    "server:K": backendKey,
     "server:Z": firstReady,
     "server:E": relayErrorAndClose,
     "client:data": holdClientBytes,
@@ -133,7 +134,7 @@ function beginSession(s: Session, p: Extract<StartupPacket, { kind: "startup" }>
   }
 
   if (identity.kind === "tenant") {
-    const forbidden = forbiddenStartupParameter(p.params, [s.config.tenantSetting, "role", "session_authorization"]);
+    const forbidden = forbiddenStartupParameter(p.params, protectedSettings(s.config.tenantSetting, signatureSetting(s.config.tenantSetting)));
     if (forbidden) {
       return s.fail({
         severity: "FATAL",
@@ -169,9 +170,6 @@ function authRequest(s: Session, m: Frame): State {
   switch (req.code) {
     case AUTH.ok:
       s.toClient(m.raw);
-      // Sent now, not after the first ReadyForQuery: the server reads it once
-      // its startup is done, so the context costs no extra round trip.
-      if (s.identity?.kind === "tenant") s.toServer(contextMessages(s.config, s.identity));
       return "post_auth";
     case AUTH.md5Password:
       return md5Challenge(s, m, (req as { salt: Uint8Array }).salt);
@@ -240,9 +238,15 @@ function authResponse(s: Session, m: Frame): State {
 
 // ----------------------------------------------------- after authentication
 
-function issueCancelKey(s: Session, m: Frame): State {
+function backendKey(s: Session, m: Frame): State {
   s.serverKey = readBackendKeyData(m.body);
   s.toClient(backendKeyData(s.issueCancelKey()));
+  if (s.identity?.kind === "tenant") {
+    // The signature binds the context to this backend's pid, known from
+    // here on. Sent now, not after the first ReadyForQuery: the server reads
+    // it as soon as its startup is done, so it costs no extra round trip.
+    s.toServer(contextMessages(s.config, s.identity, s.contextKey, s.serverKey.processId));
+  }
   return "post_auth";
 }
 
@@ -250,6 +254,13 @@ function firstReady(s: Session, m: Frame): State {
   if (s.identity?.kind !== "tenant") {
     s.toClient(m.raw);
     return s.goTransparent();
+  }
+  if (!s.serverKey) {
+    return s.fail({
+      severity: "FATAL",
+      code: "08P01",
+      message: "the upstream server sent no BackendKeyData, so the tenant context cannot be bound to its backend",
+    });
   }
   // Held back: the client must not see ReadyForQuery before its context is set.
   s.heldReady = m.raw.slice();
@@ -291,8 +302,8 @@ function holdClientBytes(s: Session, bytes: Uint8Array): State {
 // -------------------------------------------------------------- transparent
 
 function pipeToServer(s: Session, bytes: Uint8Array): State {
-  s.toServer(bytes);
-  return "transparent";
+  s.clientToServer(bytes);
+  return s.state;
 }
 
 function pipeToClient(s: Session, bytes: Uint8Array): State {

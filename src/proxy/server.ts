@@ -5,6 +5,7 @@ import type { SocketHandler, TCPSocketListener } from "bun";
 import type { Config } from "../config.ts";
 import { log } from "../log.ts";
 import { cancelRequest } from "../protocol/messages.ts";
+import { contextKeyId, deriveContextKey } from "../tenant/context.ts";
 import { CancelRegistry } from "./cancel.ts";
 import { Session, type ClientSocket, type ProxyContext } from "./session.ts";
 
@@ -35,6 +36,7 @@ export function startProxy(config: Config): RunningProxy {
   const sessions = new Set<Session>();
   const ctx: ProxyContext = {
     config,
+    contextKey: deriveContextKey(config.contextSecret),
     cancelKeys: new CancelRegistry(),
     sendCancel: (processId, secretKey) => sendCancel(config.upstream, processId, secretKey),
     sessionClosed: (s) => sessions.delete(s),
@@ -56,6 +58,7 @@ export function startProxy(config: Config): RunningProxy {
   });
 
   log.info(`listening on ${listener.hostname}:${listener.port}, upstream ${config.upstream.host}:${config.upstream.port}`);
+  log.info(`signing tenant contexts with key ${contextKeyId(ctx.contextKey)}`);
   return {
     hostname: listener.hostname,
     port: listener.port,

@@ -11,6 +11,10 @@ import { Framer, FramingError, type Frame } from "../protocol/framer.ts";
 import { errorResponse, type ErrorFields } from "../protocol/messages.ts";
 import { MAX_STARTUP_PACKET, MIN_STARTUP_PACKET, parseStartupPacket } from "../protocol/startup.ts";
 import type { Identity } from "../tenant/identity.ts";
+import { signatureSetting } from "../tenant/context.ts";
+import { guardMessage, guardWatches } from "../guard/guard.ts";
+import { protectedSettings } from "../guard/rules.ts";
+import { MessageScanner } from "../protocol/scanner.ts";
 import type { CancelKey, CancelRegistry } from "./cancel.ts";
 import { lifecycle, protocolViolation, type Input, type State } from "./lifecycle.ts";
 import { Outbox } from "./outbox.ts";
@@ -18,12 +22,16 @@ import { ServerConnection, type ServerOwner } from "./server-connection.ts";
 
 /** Largest server message accepted before the transparent state. */
 const MAX_SERVER_STARTUP_MESSAGE = 1 << 20;
+/** Postgres's own limit on a client message (MaxAllocSize). */
+const MAX_CLIENT_MESSAGE = 0x3fffffff;
 
 export type ClientSocket = Socket<Session>;
 
 /** What every session shares: the proxy's config and registries. */
 export interface ProxyContext {
-  config: Config & { tenantPattern: RegExp };
+  config: Config;
+  /** Derived from config.contextSecret; what context signatures are made with. */
+  contextKey: Uint8Array;
   cancelKeys: CancelRegistry;
   sendCancel(processId: number, secretKey: number): void;
   sessionClosed(session: Session): void;
@@ -50,6 +58,9 @@ export class Session implements ServerOwner {
   private clientFrames: Framer | undefined = new Framer(MAX_STARTUP_PACKET, 256);
   private serverFrames: Framer | undefined;
   private cancelKey: CancelKey | undefined;
+  /** Set in the transparent state of a guarded tenant session. */
+  private guard: MessageScanner | undefined;
+  private protectedNames: string[] = [];
   private timer: ReturnType<typeof setTimeout> | undefined;
   private closing = false;
   private readonly openedAt = performance.now();
@@ -74,6 +85,10 @@ export class Session implements ServerOwner {
 
   get config() {
     return this.ctx.config;
+  }
+
+  get contextKey() {
+    return this.ctx.contextKey;
   }
 
   get clientIsLoopback(): boolean {
@@ -191,9 +206,26 @@ export class Session implements ServerOwner {
     this.out.send(bytes);
   }
 
-  toServer(bytes: Uint8Array): void {
+  toServer = (bytes: Uint8Array): void => {
     this.server?.send(bytes);
+  };
+
+  /** Client bytes in the transparent state: through the guard, if on. */
+  clientToServer(bytes: Uint8Array): void {
+    if (!this.guard) return this.toServer(bytes);
+    try {
+      this.guard.scan(bytes, this.toServer, this.inspect);
+    } catch (e) {
+      if (!(e instanceof FramingError)) throw e;
+      this.state = this.fail({ severity: "FATAL", code: "08P01", message: `invalid message: ${e.message}` });
+    }
   }
+
+  private inspect = (type: number, message: Uint8Array): Uint8Array | undefined => {
+    const replacement = guardMessage(type, message, this.protectedNames);
+    if (replacement) this.log.warn("refused a statement that would change the role or the tenant context (42501)");
+    return replacement;
+  };
 
   identify(identity: Exclude<Identity, { kind: "rejected" }>): void {
     this.identity = identity;
@@ -235,7 +267,11 @@ export class Session implements ServerOwner {
       this.clientFrames = undefined;
     }
     this.log.info(this.identity?.kind === "tenant" ? "session ready, tenant context set" : "session ready");
-    for (const bytes of this.heldClient) this.toServer(bytes);
+    if (this.identity?.kind === "tenant" && this.config.guard) {
+      this.guard = new MessageScanner(guardWatches, MAX_CLIENT_MESSAGE);
+      this.protectedNames = protectedSettings(this.config.tenantSetting, signatureSetting(this.config.tenantSetting));
+    }
+    for (const bytes of this.heldClient) this.clientToServer(bytes);
     this.heldClient = [];
     return "transparent";
   }

@@ -1,0 +1,73 @@
+/**
+ * The guard on a tenant session's client-to-server stream. It looks at the
+ * three messages that can carry SQL or a function call (Query, Parse,
+ * FunctionCall) and swaps a forbidden one for a statement that raises
+ * 42501 with the reason. The forbidden statement never reaches the server,
+ * and the server itself produces the error, so the reply has the shape the
+ * client expects and the transaction state stays right (an error inside a
+ * transaction block aborts it, as the refused statement would have).
+ */
+import { concat } from "../protocol/messages.ts";
+import { checkSql, type Verdict } from "./rules.ts";
+
+const QUERY = 0x51; // 'Q'
+const PARSE = 0x50; // 'P'
+const FUNCTION_CALL = 0x46; // 'F'
+
+/** pg_catalog.set_config(text, text, boolean): its OID is fixed in every release. */
+const SET_CONFIG_OID = 2078;
+
+export const guardWatches = (type: number) => type === QUERY || type === PARSE || type === FUNCTION_CALL;
+
+const decoder = new TextDecoder();
+const encoder = new TextEncoder();
+
+/** Returns the replacement for a forbidden message, or undefined to pass it on. */
+export function guardMessage(type: number, message: Uint8Array, protectedNames: readonly string[]): Uint8Array | undefined {
+  const body = message.subarray(5);
+  if (type === QUERY) {
+    const verdict = checkSql(cstring(body, 0)[0], protectedNames);
+    return verdict && frame(QUERY, [encoder.encode(refusal(verdict)), Uint8Array.of(0)]);
+  }
+  if (type === PARSE) {
+    const [name, afterName] = cstring(body, 0);
+    const [sql, afterSql] = cstring(body, afterName);
+    const verdict = checkSql(sql, protectedNames);
+    if (!verdict) return undefined;
+    // Same statement name and parameter types, so the client's Bind still fits.
+    return frame(PARSE, [encoder.encode(name), Uint8Array.of(0), encoder.encode(refusal(verdict)), Uint8Array.of(0), body.subarray(afterSql)]);
+  }
+  if (type === FUNCTION_CALL && body.length >= 4) {
+    const oid = new DataView(body.buffer, body.byteOffset, 4).getInt32(0);
+    if (oid !== SET_CONFIG_OID) return undefined;
+    const verdict = { statement: "FunctionCall set_config", reason: "set_config() by function call is not allowed through multigres" };
+    return frame(QUERY, [encoder.encode(refusal(verdict)), Uint8Array.of(0)]);
+  }
+  return undefined;
+}
+
+/** SQL that fails with 42501 and says why. Only our own text goes in it. */
+function refusal(v: Verdict): string {
+  const literal = (s: string) => `'${s.replace(/'/g, "''").replace(/\$/g, "")}'`;
+  return (
+    "DO $multigres_guard$ BEGIN RAISE EXCEPTION USING ERRCODE = '42501', " +
+    `MESSAGE = ${literal(`multigres: ${v.reason}`)}, ` +
+    `HINT = ${literal("the role and the tenant context are fixed for the connection; connect as another <role>.<tenant> instead")}; ` +
+    "END $multigres_guard$"
+  );
+}
+
+function cstring(body: Uint8Array, at: number): [string, number] {
+  const nul = body.indexOf(0, at);
+  const end = nul < 0 ? body.length : nul;
+  return [decoder.decode(body.subarray(at, end)), end + 1];
+}
+
+function frame(type: number, parts: Uint8Array[]): Uint8Array {
+  const payload = concat(parts);
+  const out = new Uint8Array(5 + payload.length);
+  out[0] = type;
+  new DataView(out.buffer).setInt32(1, 4 + payload.length);
+  out.set(payload, 5);
+  return out;
+}
