@@ -58,6 +58,7 @@ export const ConfigSchema = v.object({
     v.string(),
     v.minLength(32, "must be at least 32 characters (`multigres setup` generates one)"),
   ),
+  contextSecretFile: v.optional(v.string()),
   guard: v.pipe(
     v.union([v.boolean(), v.picklist(["on", "off", "true", "false"], 'must be "on" or "off"')]),
     v.transform((x) => x === true || x === "on" || x === "true"),
@@ -91,6 +92,7 @@ export const OPTIONS: readonly Option[] = [
   { key: "md5Auth", flag: "md5-auth", file: "md5_auth", env: "MULTIGRES_MD5_AUTH", default: "loopback", description: "MD5 users: \"loopback\" asks loopback clients for the password and answers the server; \"refuse\" rejects them" },
   { key: "startupTimeout", flag: "startup-timeout", file: "startup_timeout", env: "MULTIGRES_STARTUP_TIMEOUT", default: "15000", description: "Milliseconds a client has to finish startup and authentication (0 = no limit)" },
   { key: "contextSecret", file: "context_secret", env: "MULTIGRES_CONTEXT_SECRET", description: "Secret the tenant context is signed with (environment or file only; never logged)" },
+  { key: "contextSecretFile", flag: "context-secret-file", file: "context_secret_file", env: "MULTIGRES_CONTEXT_SECRET_FILE", description: "File holding the context secret instead; re-read on SIGHUP, which is how a secret is rotated" },
   { key: "guard", flag: "guard", file: "guard", env: "MULTIGRES_GUARD", default: "on", description: "Refuse statements that change the role or the tenant context (42501) before they reach the server: on or off" },
   { key: "logLevel", flag: "log-level", file: "log_level", env: "MULTIGRES_LOG_LEVEL", default: "info", description: "silent, error, warn, info, debug or trace" },
 ];
@@ -102,6 +104,8 @@ export interface Sources {
   env?: Record<string, string | undefined>;
   /** Parsed TOML and the path it came from. */
   file?: { path: string; data: Record<string, unknown> };
+  /** The context secret read from contextSecretFile; wins over the other sources. */
+  secretFile?: { path: string; text: string };
 }
 
 export class ConfigError extends Error {
@@ -142,6 +146,11 @@ export function resolveConfig(sources: Sources): Config {
     }
   }
 
+  if (sources.secretFile) {
+    merged.contextSecret = sources.secretFile.text.trim();
+    origin.contextSecret = `contents of ${sources.secretFile.path}`;
+  }
+
   const result = v.safeParse(ConfigSchema, merged);
   if (!result.success) {
     for (const issue of result.issues) {
@@ -173,4 +182,22 @@ export async function readConfigFile(path: string): Promise<{ path: string; data
   } catch (e) {
     throw new ConfigError([`${path}: not valid TOML (${(e as Error).message})`]);
   }
+}
+
+/**
+ * Everything `start` needs, I/O included: the TOML file named by --config,
+ * the secret file, then the pure merge. Called again on SIGHUP.
+ */
+export async function loadConfig(flags: Flags, env: Record<string, string | undefined>, configPath?: string): Promise<Config> {
+  const file = configPath ? await readConfigFile(configPath) : undefined;
+  const secretPath = [flags["context-secret-file"]].flat().at(-1) ?? env.MULTIGRES_CONTEXT_SECRET_FILE ?? file?.data.context_secret_file;
+  let secretFile: Sources["secretFile"];
+  if (typeof secretPath === "string" && secretPath !== "") {
+    try {
+      secretFile = { path: secretPath, text: await Bun.file(secretPath).text() };
+    } catch (e) {
+      throw new ConfigError([`${secretPath}: cannot read the context secret file (${(e as Error).message})`]);
+    }
+  }
+  return resolveConfig({ flags, env, file, secretFile });
 }

@@ -3,7 +3,7 @@
  * multigres: the command line. `multigres` alone is `multigres start`.
  */
 import { defineCommand, runMain, type ArgsDef } from "citty";
-import { ConfigError, OPTIONS, readConfigFile, resolveConfig, type Flags } from "./config.ts";
+import { ConfigError, loadConfig, OPTIONS, type Flags } from "./config.ts";
 import { log, setLogLevel } from "./log.ts";
 import { startProxy } from "./proxy/server.ts";
 import setupSql from "../sql/setup.sql" with { type: "text" };
@@ -31,10 +31,10 @@ const start = defineCommand({
   async run({ args }) {
     const flags: Flags = {};
     for (const o of OPTIONS) if (o.flag) flags[o.flag] = args[o.flag] as string | string[] | undefined;
+    const configPath = args.config ? String(args.config) : undefined;
     let config;
     try {
-      const file = args.config ? await readConfigFile(String(args.config)) : undefined;
-      config = resolveConfig({ flags, env: process.env, file });
+      config = await loadConfig(flags, process.env, configPath);
     } catch (e) {
       if (!(e instanceof ConfigError)) throw e;
       process.stderr.write(`multigres: ${e.message}\n`);
@@ -42,6 +42,7 @@ const start = defineCommand({
     }
     setLogLevel(config.logLevel);
     const proxy = startProxy(config);
+
     const shutdown = (signal: string) => {
       log.info(`${signal}: shutting down`);
       proxy.stop();
@@ -49,6 +50,17 @@ const start = defineCommand({
     };
     process.on("SIGTERM", () => shutdown("SIGTERM"));
     process.on("SIGINT", () => shutdown("SIGINT"));
+    // SIGHUP re-reads the config file and the secret file (the environment
+    // of a running process cannot change); new sessions get the new config.
+    process.on("SIGHUP", async () => {
+      try {
+        const next = await loadConfig(flags, process.env, configPath);
+        setLogLevel(next.logLevel);
+        proxy.reload(next);
+      } catch (e) {
+        log.error(`SIGHUP: configuration not reloaded: ${(e as Error).message}`);
+      }
+    });
   },
 });
 

@@ -29,6 +29,8 @@ export interface RunningProxy {
   hostname: string;
   port: number;
   sessions: ReadonlySet<Session>;
+  /** Apply a reloaded config: new sessions use it, live ones keep theirs. */
+  reload(config: Config): void;
   stop(): void;
 }
 
@@ -63,6 +65,18 @@ export function startProxy(config: Config): RunningProxy {
     hostname: listener.hostname,
     port: listener.port,
     sessions,
+    reload(next: Config) {
+      const { host, port } = ctx.config.listen;
+      if (next.listen.host !== host || next.listen.port !== port) {
+        log.warn(`config reloaded, but listen stays ${host}:${port} until a restart`);
+        next = { ...next, listen: ctx.config.listen };
+      }
+      const keyId = contextKeyId(ctx.contextKey);
+      ctx.config = next;
+      ctx.contextKey = deriveContextKey(next.contextSecret);
+      const nextKeyId = contextKeyId(ctx.contextKey);
+      log.info(nextKeyId === keyId ? "config reloaded" : `config reloaded; new sessions are signed with key ${nextKeyId}`);
+    },
     stop: () => listener.stop(true),
   };
 }
