@@ -64,6 +64,18 @@ export const ConfigSchema = v.object({
     v.transform((x) => x === true || x === "on" || x === "true"),
   ),
   logLevel: v.picklist(["silent", "error", "warn", "info", "debug", "trace"], "must be one of silent, error, warn, info, debug, trace"),
+  logFormat: v.picklist(["pretty", "json"], 'must be "pretty" or "json"'),
+  tlsCert: v.optional(v.string()),
+  tlsKey: v.optional(v.string()),
+  clientTls: v.picklist(["disable", "allow", "require"], "must be disable, allow or require"),
+  upstreamTls: v.picklist(["disable", "prefer", "require", "verify-ca", "verify-full"], "must be disable, prefer, require, verify-ca or verify-full"),
+  upstreamCa: v.optional(v.string()),
+  upstreamServerName: v.optional(v.string()),
+  http: v.optional(hostPort("http")),
+  connectTimeout: milliseconds,
+  idleTimeout: milliseconds,
+  keepalive: milliseconds,
+  shutdownTimeout: milliseconds,
 });
 
 export type Config = v.InferOutput<typeof ConfigSchema>;
@@ -95,6 +107,18 @@ export const OPTIONS: readonly Option[] = [
   { key: "contextSecretFile", flag: "context-secret-file", file: "context_secret_file", env: "MULTIGRES_CONTEXT_SECRET_FILE", description: "File holding the context secret instead; re-read on SIGHUP, which is how a secret is rotated" },
   { key: "guard", flag: "guard", file: "guard", env: "MULTIGRES_GUARD", default: "on", description: "Refuse statements that change the role or the tenant context (42501) before they reach the server: on or off" },
   { key: "logLevel", flag: "log-level", file: "log_level", env: "MULTIGRES_LOG_LEVEL", default: "info", description: "silent, error, warn, info, debug or trace" },
+  { key: "logFormat", flag: "log-format", file: "log_format", env: "MULTIGRES_LOG_FORMAT", default: "pretty", description: "pretty (for terminals) or json (one object per line)" },
+  { key: "tlsCert", flag: "tls-cert", file: "tls_cert", env: "MULTIGRES_TLS_CERT", description: "PEM certificate (chain) clients see; reloaded on SIGHUP" },
+  { key: "tlsKey", flag: "tls-key", file: "tls_key", env: "MULTIGRES_TLS_KEY", description: "PEM private key of --tls-cert" },
+  { key: "clientTls", flag: "client-tls", file: "client_tls", env: "MULTIGRES_CLIENT_TLS", default: "allow", description: "Client TLS: disable, allow (when a certificate is set) or require" },
+  { key: "upstreamTls", flag: "upstream-tls", file: "upstream_tls", env: "MULTIGRES_UPSTREAM_TLS", default: "prefer", description: "TLS to PostgreSQL: disable, prefer, require, verify-ca or verify-full" },
+  { key: "upstreamCa", flag: "upstream-ca", file: "upstream_ca", env: "MULTIGRES_UPSTREAM_CA", description: "PEM CA bundle to verify PostgreSQL's certificate (verify-ca, verify-full)" },
+  { key: "upstreamServerName", flag: "upstream-server-name", file: "upstream_server_name", env: "MULTIGRES_UPSTREAM_SERVER_NAME", description: "Host name to verify (verify-full) and send as SNI; default: the --upstream host" },
+  { key: "http", flag: "http", file: "http", env: "MULTIGRES_HTTP", default: "127.0.0.1:9187", description: "HTTP listener for /healthz and /readyz (HOST:PORT; port 0 picks one)" },
+  { key: "connectTimeout", flag: "connect-timeout", file: "connect_timeout", env: "MULTIGRES_CONNECT_TIMEOUT", default: "5000", description: "Milliseconds to connect to PostgreSQL before answering 08006" },
+  { key: "idleTimeout", flag: "idle-timeout", file: "idle_timeout", env: "MULTIGRES_IDLE_TIMEOUT", default: "0", description: "Close client connections idle this many milliseconds (0 = never)" },
+  { key: "keepalive", flag: "keepalive", file: "keepalive", env: "MULTIGRES_KEEPALIVE", default: "60000", description: "TCP keepalive idle time in milliseconds on both legs (0 = off)" },
+  { key: "shutdownTimeout", flag: "shutdown-timeout", file: "shutdown_timeout", env: "MULTIGRES_SHUTDOWN_TIMEOUT", default: "30000", description: "On SIGTERM/SIGINT, milliseconds to let transactions finish before 57P01" },
 ];
 
 export type Flags = Partial<Record<string, string | string[] | undefined>>;
@@ -163,6 +187,15 @@ export function resolveConfig(sources: Sources): Config {
       }
       const shown = key === "contextSecret" ? "(hidden)" : JSON.stringify(merged[key]);
       problems.push(`${origin[key] ?? key}: ${issue.message} (got ${shown})`);
+    }
+  }
+  if (result.success) {
+    const c = result.output;
+    if (Boolean(c.tlsCert) !== Boolean(c.tlsKey)) {
+      problems.push(`${origin.tlsCert ?? origin.tlsKey}: --tls-cert and --tls-key go together`);
+    }
+    if (c.clientTls === "require" && !c.tlsCert) {
+      problems.push(`${origin.clientTls}: client TLS "require" needs --tls-cert and --tls-key`);
     }
   }
   if (problems.length > 0 || !result.success) throw new ConfigError(problems);
