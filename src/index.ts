@@ -4,8 +4,11 @@
  */
 import { defineCommand, runMain, type ArgsDef } from "citty";
 import { ConfigError, loadConfig, OPTIONS, type Flags } from "./config.ts";
-import { log, setLogLevel } from "./log.ts";
+import { configureLog, log } from "./log.ts";
+import { startHttp, tcpReachable } from "./admin/http.ts";
 import { startProxy } from "./proxy/server.ts";
+import { setupCommand } from "./db/setup.ts";
+import { doctorCommand } from "./db/doctor.ts";
 import setupSql from "../sql/setup.sql" with { type: "text" };
 import pkg from "../package.json" with { type: "json" };
 
@@ -40,23 +43,43 @@ const start = defineCommand({
       process.stderr.write(`multigres: ${e.message}\n`);
       process.exit(2);
     }
-    setLogLevel(config.logLevel);
-    const proxy = startProxy(config);
+    configureLog(config.logLevel, config.logFormat);
+    const proxy = await startProxy(config);
+    const http = config.http
+      ? startHttp(config.http, {
+          upstreamReachable: () => tcpReachable(config.upstream.host, config.upstream.port, config.connectTimeout),
+          shuttingDown: () => proxy.shuttingDown,
+          sessions: () => proxy.sessions.size,
+        })
+      : undefined;
 
-    const shutdown = (signal: string) => {
+    // SIGTERM/SIGINT: stop accepting, let transactions finish (up to
+    // --shutdown-timeout), then 57P01. A second signal exits at once.
+    let stopping = false;
+    const shutdown = async (signal: string) => {
+      if (stopping) {
+        log.warn(`${signal} again: exiting now`);
+        process.exit(1);
+      }
+      stopping = true;
       log.info(`${signal}: shutting down`);
-      proxy.stop();
+      await proxy.shutdown();
+      http?.stop();
+      log.info("all sessions closed, bye");
       process.exit(0);
     };
-    process.on("SIGTERM", () => shutdown("SIGTERM"));
-    process.on("SIGINT", () => shutdown("SIGINT"));
-    // SIGHUP re-reads the config file and the secret file (the environment
-    // of a running process cannot change); new sessions get the new config.
+    process.on("SIGTERM", () => void shutdown("SIGTERM"));
+    process.on("SIGINT", () => void shutdown("SIGINT"));
+    // SIGHUP re-reads the config file, the secret file and the certificates
+    // (the environment of a running process cannot change); new sessions
+    // get the new settings, live ones keep theirs.
     process.on("SIGHUP", async () => {
       try {
         const next = await loadConfig(flags, process.env, configPath);
-        setLogLevel(next.logLevel);
-        proxy.reload(next);
+        const fixed = (["http"] as const).filter((k) => JSON.stringify(next[k]) !== JSON.stringify(config[k]));
+        if (fixed.length > 0) log.warn(`SIGHUP: ${fixed.join(", ")} cannot change without a restart`);
+        configureLog(next.logLevel, next.logFormat);
+        await proxy.reload(next);
       } catch (e) {
         log.error(`SIGHUP: configuration not reloaded: ${(e as Error).message}`);
       }
@@ -83,7 +106,7 @@ const main = defineCommand({
   // The start flags are declared here too so that `multigres --listen X`
   // reads X as a flag value, not as a subcommand name.
   args: configArgs,
-  subCommands: { start, sql, version },
+  subCommands: { start, setup: setupCommand, doctor: doctorCommand, sql, version },
   default: "start",
 });
 

@@ -1,18 +1,79 @@
 /**
- * Logging through consola. Each connection logs with a tag naming its id
- * and, once known, its user and tenant. Nothing here ever receives a
- * password: the proxy never logs message payloads.
+ * Logging through consola, in two formats:
+ *
+ *   pretty  one readable line per event, for terminals
+ *   json    one JSON object per line: time, level, msg, and the connection's
+ *           fields (conn, remote, user, tenant) plus any event fields
+ *
+ * Each connection logs through its own child logger that carries its
+ * fields. Nothing here ever receives a password, proof or secret: the proxy
+ * never logs message payloads, and config errors hide the secret.
  */
-import { createConsola, type ConsolaInstance } from "consola";
+import { createConsola, type ConsolaInstance, type ConsolaReporter, type InputLogObject, type LogObject } from "consola";
 
 export type LogLevel = "silent" | "error" | "warn" | "info" | "debug" | "trace";
+export type LogFormat = "pretty" | "json";
 
 const LEVELS: Record<LogLevel, number> = { silent: -999, error: 0, warn: 1, info: 3, debug: 4, trace: 5 };
 
-export const log: ConsolaInstance = createConsola({ level: LEVELS.info });
+/** Fields every line of one connection carries. */
+export interface ConnectionFields {
+  conn: number;
+  remote: string;
+  user?: string;
+  tenant?: string;
+}
 
-export function setLogLevel(level: LogLevel): void {
+/** Splits consola's args into the message and any field objects. */
+function parts(logObj: LogObject): { msg: string; fields: Record<string, unknown> } {
+  const fields: Record<string, unknown> = { ...((logObj.fields as Record<string, unknown>) ?? {}) };
+  const words: string[] = [];
+  for (const a of logObj.args) {
+    if (a instanceof Error) words.push(a.message);
+    else if (a && typeof a === "object") Object.assign(fields, a);
+    else words.push(String(a));
+  }
+  return { msg: [logObj.message, ...words].filter(Boolean).join(" "), fields };
+}
+
+const json: ConsolaReporter = {
+  log(logObj) {
+    const { msg, fields } = parts(logObj);
+    const line = { time: logObj.date.toISOString(), level: logObj.type, msg, ...fields };
+    const out = logObj.level <= 1 ? process.stderr : process.stdout;
+    out.write(`${JSON.stringify(line)}\n`);
+  },
+};
+
+const pretty: ConsolaReporter = {
+  log(logObj) {
+    const { msg, fields } = parts(logObj);
+    const { conn, remote, user, tenant, ...rest } = fields;
+    const who = conn === undefined ? "" : `[c${conn}${user ? ` ${user}${tenant ? `/${tenant}` : ""}` : ""}] `;
+    const extra = Object.entries(rest).map(([k, v]) => ` ${k}=${typeof v === "string" ? v : JSON.stringify(v)}`);
+    const level = logObj.type === "log" ? "info" : logObj.type;
+    const out = logObj.level <= 1 ? process.stderr : process.stdout;
+    out.write(`${logObj.date.toISOString()} ${level.padEnd(5)} ${who}${msg}${extra.join("")}\n`);
+  },
+};
+
+let format: LogFormat = "pretty";
+
+// One reporter that looks the format up each time, so child loggers made
+// before a reload follow it too.
+export const log: ConsolaInstance = createConsola({
+  level: LEVELS.info,
+  reporters: [{ log: (logObj, ctx) => (format === "json" ? json : pretty).log(logObj, ctx) }],
+});
+
+export function configureLog(level: LogLevel, logFormat: LogFormat): void {
   log.level = LEVELS[level];
+  format = logFormat;
+}
+
+/** A child logger whose every line carries the connection's fields. */
+export function connectionLog(fields: ConnectionFields): ConsolaInstance {
+  return log.withDefaults({ fields } as InputLogObject);
 }
 
 export type { ConsolaInstance as Logger };

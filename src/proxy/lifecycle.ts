@@ -54,8 +54,9 @@ const always = {
 
 export const lifecycle: Record<State, Record<string, Handler>> = {
   startup: {
-    "client:ssl": declineEncryption,
+    "client:ssl": negotiateTls,
     "client:gssenc": declineEncryption,
+    "client:tls_hello": directTls,
     "client:cancel": forwardCancel,
     "client:startup": beginSession,
     "client:invalid": rejectStartupPacket,
@@ -104,9 +105,23 @@ export const lifecycle: Record<State, Record<string, Handler>> = {
 // ------------------------------------------------------------------ startup
 
 function declineEncryption(s: Session): State {
-  // TLS and GSS encryption are not offered (yet): 'N' and the client goes on in clear.
+  // 'N': the client may go on in clear (or give up, if it insists).
   s.toClient(Uint8Array.of(0x4e));
   return "startup";
+}
+
+function negotiateTls(s: Session): State {
+  if (s.tls || !s.tlsAvailable) return declineEncryption(s);
+  s.startTls();
+  return s.state;
+}
+
+function directTls(s: Session, hello: Uint8Array): State {
+  if (!s.tlsAvailable) {
+    return s.fail({ severity: "FATAL", code: "08P01", message: "direct TLS connection, but multigres has no certificate configured (--tls-cert)" });
+  }
+  s.startDirectTls(hello);
+  return s.state;
 }
 
 function forwardCancel(s: Session, p: Extract<StartupPacket, { kind: "cancel" }>): State {
@@ -119,6 +134,9 @@ function rejectStartupPacket(s: Session, p: Extract<StartupPacket, { kind: "inva
 }
 
 function beginSession(s: Session, p: Extract<StartupPacket, { kind: "startup" }>): State {
+  if (s.config.clientTls === "require" && !s.tls) {
+    return s.fail({ severity: "FATAL", code: "28000", message: "multigres requires TLS: connect with sslmode=require (or stronger)" });
+  }
   const identity = resolveIdentity(p.params.get("user"), s.config);
   if (identity.kind === "rejected") {
     return s.fail({ severity: "FATAL", code: "28000", message: identity.message, hint: identity.hint });
@@ -307,8 +325,8 @@ function pipeToServer(s: Session, bytes: Uint8Array): State {
 }
 
 function pipeToClient(s: Session, bytes: Uint8Array): State {
-  s.toClient(bytes);
-  return "transparent";
+  s.serverToClient(bytes);
+  return s.state;
 }
 
 // ---------------------------------------------------------------- any state
@@ -338,7 +356,7 @@ function serverUnreachable(s: Session, error: Error): State {
     severity: "FATAL",
     code: "08006",
     message: `could not connect to the upstream server at ${host}:${port}: ${error.message}`,
-    hint: "check that PostgreSQL is running and --upstream points at it",
+    hint: "check that PostgreSQL is running at --upstream; for TLS errors, see --upstream-tls, --upstream-ca and --upstream-server-name",
   });
 }
 

@@ -1,11 +1,14 @@
 /**
- * The server side of a proxied session: one TCP connection to PostgreSQL.
+ * The server side of a proxied session: one connection to PostgreSQL,
+ * optionally over TLS.
  *
  * Kept apart from the client session on purpose: the session owns a
  * ServerConnection only while attached to it, so a pool can later hand the
  * same connection to another session without either knowing the other.
  */
 import type { Socket, SocketHandler } from "bun";
+import { checkServerIdentity, type PeerCertificate } from "node:tls";
+import { SSL_REQUEST } from "../protocol/messages.ts";
 import { Outbox } from "./outbox.ts";
 
 /** What a ServerConnection reports to whoever it is attached to. */
@@ -19,7 +22,28 @@ export interface ServerOwner {
   serverClear(): void;
 }
 
+export type UpstreamTlsMode = "disable" | "prefer" | "require" | "verify-ca" | "verify-full";
+
+export interface UpstreamOptions {
+  host: string;
+  port: number;
+  tls: UpstreamTlsMode;
+  /** PEM CA bundle (verify-ca / verify-full); Bun's root store otherwise. */
+  ca?: string;
+  /** Name to verify and send as SNI; defaults to host. */
+  serverName?: string;
+  connectTimeout: number;
+  keepalive: number;
+}
+
 type ServerSocket = Socket<ServerConnection>;
+
+const SSL_REQUEST_PACKET = (() => {
+  const b = new Uint8Array(8);
+  new DataView(b.buffer).setInt32(0, 8);
+  new DataView(b.buffer).setInt32(4, SSL_REQUEST);
+  return b;
+})();
 
 const handlers: SocketHandler<ServerConnection, "uint8array"> = {
   binaryType: "uint8array",
@@ -27,16 +51,19 @@ const handlers: SocketHandler<ServerConnection, "uint8array"> = {
     socket.data.opened(socket);
   },
   data(socket, bytes) {
-    socket.data.owner?.serverData(bytes);
+    socket.data.received(socket, bytes);
   },
   drain(socket) {
-    socket.data.outbox?.flush();
+    if (socket.data.isCurrent(socket)) socket.data.outbox?.flush();
   },
   close(socket, error) {
-    socket.data.closed(error);
+    if (socket.data.isCurrent(socket)) socket.data.closed(error);
   },
   connectError(socket, error) {
-    socket.data.unreachable(error);
+    socket.data.failed(error);
+  },
+  handshake(socket, success, error) {
+    socket.data.handshaken(socket, success, error);
   },
 };
 
@@ -44,16 +71,36 @@ export class ServerConnection {
   private socket: ServerSocket | undefined;
   outbox: Outbox | undefined;
   private ended = false;
+  /** Waiting for the server's one-byte answer to our SSLRequest. */
+  private awaitingSslAnswer = false;
+  private timer: ReturnType<typeof setTimeout> | undefined;
 
-  private constructor(public owner: ServerOwner | undefined) {}
+  private constructor(
+    public owner: ServerOwner | undefined,
+    private readonly options: UpstreamOptions,
+  ) {}
 
-  static connect(host: string, port: number, owner: ServerOwner): ServerConnection {
-    const conn = new ServerConnection(owner);
-    Bun.connect({ hostname: host, port, socket: handlers as unknown as SocketHandler<ServerConnection>, data: conn }).catch(
+  static connect(options: UpstreamOptions, owner: ServerOwner): ServerConnection {
+    const conn = new ServerConnection(owner, options);
+    if (options.connectTimeout > 0) {
+      conn.timer = setTimeout(
+        () => conn.failed(new Error(`timed out after ${options.connectTimeout} ms`)),
+        options.connectTimeout,
+      );
+    }
+    Bun.connect({
+      hostname: options.host,
+      port: options.port,
+      socket: handlers as unknown as SocketHandler<ServerConnection>,
+      data: conn,
+    }).catch(() => {
       // connectError has reported it already; this only silences the promise.
-      () => {},
-    );
+    });
     return conn;
+  }
+
+  isCurrent(socket: ServerSocket): boolean {
+    return socket === this.socket;
   }
 
   send(bytes: Uint8Array): void {
@@ -68,41 +115,108 @@ export class ServerConnection {
     this.socket?.resume();
   }
 
-  /** Close after what was queued is written (a plain end() also sends our FIN). */
+  /** Close; a plain end() also sends our FIN. */
   end(): void {
     if (this.ended) return;
     this.ended = true;
     this.owner = undefined;
+    clearTimeout(this.timer);
     this.socket?.end();
   }
 
+  // ------------------------------------------------------- socket events
+
   opened(socket: ServerSocket): void {
+    if (this.socket) return; // the TLS socket of an upgrade opening: handled in handshaken()
+    if (this.ended) {
+      socket.end();
+      return;
+    }
     this.socket = socket;
     socket.setNoDelay(true);
-    socket.setKeepAlive(true, 60_000);
+    if (this.options.keepalive > 0) socket.setKeepAlive(true, this.options.keepalive);
+    if (this.options.tls === "disable") return this.ready(socket);
+    this.awaitingSslAnswer = true;
+    socket.write(SSL_REQUEST_PACKET);
+  }
+
+  received(socket: ServerSocket, bytes: Uint8Array): void {
+    if (!this.isCurrent(socket)) return; // ciphertext seen by the raw socket after upgradeTLS
+    if (!this.awaitingSslAnswer) {
+      this.owner?.serverData(bytes);
+      return;
+    }
+    this.awaitingSslAnswer = false;
+    // One byte and nothing more: anything else before the handshake would be
+    // unencrypted data an attacker injected (CVE-2021-23222).
+    if (bytes.length !== 1 || (bytes[0] !== 0x53 && bytes[0] !== 0x4e)) {
+      return this.failed(new Error("the server answered SSLRequest with something other than S or N"));
+    }
+    if (bytes[0] === 0x4e) {
+      if (this.options.tls === "prefer") return this.ready(socket);
+      return this.failed(new Error(`the server does not support TLS, and --upstream-tls is ${this.options.tls}`));
+    }
+    const verify = this.options.tls === "verify-ca" || this.options.tls === "verify-full";
+    const [, tlsSocket] = socket.upgradeTLS<ServerConnection>({
+      data: this,
+      socket: handlers as unknown as SocketHandler<ServerConnection>,
+      tls: {
+        // Verification happens in handshaken(), where verify-ca and
+        // verify-full can differ on the host name.
+        rejectUnauthorized: false,
+        ca: verify ? this.options.ca : undefined,
+        serverName: this.options.serverName ?? this.options.host,
+      },
+    });
+    this.socket = tlsSocket;
+  }
+
+  handshaken(socket: ServerSocket, _success: boolean, error: Error | null): void {
+    if (!this.isCurrent(socket)) return;
+    const mode = this.options.tls;
+    if (mode === "verify-ca" || mode === "verify-full") {
+      // verify-ca trusts any name on a certificate from the CA; Bun reports a
+      // name mismatch like any other verification error, so skip just that.
+      const nameOnly = (error as NodeJS.ErrnoException | null)?.code === "ERR_TLS_CERT_ALTNAME_INVALID";
+      if (error && !(mode === "verify-ca" && nameOnly)) {
+        return this.failed(new Error(`the server's certificate is not trusted (${mode}): ${error.message}`));
+      }
+      if (mode === "verify-full") {
+        const name = this.options.serverName ?? this.options.host;
+        const mismatch = checkServerIdentity(name, socket.getPeerCertificate() as PeerCertificate);
+        if (mismatch) return this.failed(new Error(`the server's certificate does not match "${name}" (verify-full): ${mismatch.message}`));
+      }
+    }
+    this.ready(socket);
+  }
+
+  closed(error?: Error): void {
+    if (this.ended) return;
+    this.ended = true;
+    clearTimeout(this.timer);
+    const owner = this.owner;
+    this.owner = undefined;
+    if (!this.outbox) owner?.serverUnreachable(error ?? new Error("the server closed the connection"));
+    else owner?.serverClosed(error);
+  }
+
+  failed(error: Error): void {
+    if (this.ended) return;
+    this.ended = true;
+    clearTimeout(this.timer);
+    this.socket?.end();
+    const owner = this.owner;
+    this.owner = undefined;
+    owner?.serverUnreachable(error);
+  }
+
+  private ready(socket: ServerSocket): void {
+    clearTimeout(this.timer);
     this.outbox = new Outbox(
       socket,
       () => this.owner?.serverBacklog(),
       () => this.owner?.serverClear(),
     );
-    if (this.ended) {
-      socket.end();
-      return;
-    }
     this.owner?.serverOpened();
-  }
-
-  closed(error?: Error): void {
-    this.ended = true;
-    const owner = this.owner;
-    this.owner = undefined;
-    owner?.serverClosed(error);
-  }
-
-  unreachable(error: Error): void {
-    this.ended = true;
-    const owner = this.owner;
-    this.owner = undefined;
-    owner?.serverUnreachable(error);
   }
 }

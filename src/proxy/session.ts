@@ -4,9 +4,9 @@
  * lifecycle events (framing only where the lifecycle needs messages) and
  * performs the I/O the lifecycle asks for.
  */
-import type { Socket } from "bun";
+import type { Socket, SocketHandler } from "bun";
 import type { Config } from "../config.ts";
-import { log, type Logger } from "../log.ts";
+import { connectionLog, type Logger } from "../log.ts";
 import { Framer, FramingError, type Frame } from "../protocol/framer.ts";
 import { errorResponse, type ErrorFields } from "../protocol/messages.ts";
 import { MAX_STARTUP_PACKET, MIN_STARTUP_PACKET, parseStartupPacket } from "../protocol/startup.ts";
@@ -15,10 +15,12 @@ import { signatureSetting } from "../tenant/context.ts";
 import { guardMessage, guardWatches } from "../guard/guard.ts";
 import { protectedSettings } from "../guard/rules.ts";
 import { MessageScanner } from "../protocol/scanner.ts";
+import { ReadyTracker } from "../protocol/ready.ts";
 import type { CancelKey, CancelRegistry } from "./cancel.ts";
 import { lifecycle, protocolViolation, type Input, type State } from "./lifecycle.ts";
 import { Outbox } from "./outbox.ts";
 import { ServerConnection, type ServerOwner } from "./server-connection.ts";
+import { DirectTlsTransport, type ClientTransport, type ServerTls } from "./client-tls.ts";
 
 /** Largest server message accepted before the transparent state. */
 const MAX_SERVER_STARTUP_MESSAGE = 1 << 20;
@@ -32,6 +34,10 @@ export interface ProxyContext {
   config: Config;
   /** Derived from config.contextSecret; what context signatures are made with. */
   contextKey: Uint8Array;
+  /** Certificate and key for client TLS, when configured. */
+  tls: ServerTls | undefined;
+  /** PEM CA bundle for verifying the upstream, when configured. */
+  upstreamCa: string | undefined;
   cancelKeys: CancelRegistry;
   sendCancel(processId: number, secretKey: number): void;
   sessionClosed(session: Session): void;
@@ -53,14 +59,23 @@ export class Session implements ServerOwner {
   heldReadyAt = 0;
   heldClient: Uint8Array[] = [];
 
+  /** Whether the client leg is encrypted. */
+  tls = false;
+
   private server: ServerConnection | undefined;
-  private readonly out: Outbox;
+  private transport: ClientTransport;
+  private out: Outbox;
   private clientFrames: Framer | undefined = new Framer(MAX_STARTUP_PACKET, 256);
   private serverFrames: Framer | undefined;
   private cancelKey: CancelKey | undefined;
   /** Set in the transparent state of a guarded tenant session. */
   private guard: MessageScanner | undefined;
   private protectedNames: string[] = [];
+  /** Transaction status and whether a query is in flight (transparent state). */
+  private tracker: ReadyTracker | undefined;
+  private lastClientActivity = performance.now();
+  /** Shutting down: end the session as soon as it is idle. */
+  private draining = false;
   private timer: ReturnType<typeof setTimeout> | undefined;
   private closing = false;
   private readonly openedAt = performance.now();
@@ -71,16 +86,26 @@ export class Session implements ServerOwner {
     private readonly ctx: ProxyContext,
     private readonly socket: ClientSocket,
   ) {
-    this.log = log.withTag(`c${this.id}`);
-    this.out = new Outbox(
-      socket,
-      () => this.server?.pause(),
-      () => (this.closing ? this.socket.end() : this.server?.resume()),
-    );
+    this.log = connectionLog({ conn: this.id, remote: socket.remoteAddress });
+    this.transport = socket;
+    this.out = this.outboxFor(socket);
     if (ctx.config.startupTimeout > 0) {
       this.timer = setTimeout(() => this.dispatch("timeout", undefined), ctx.config.startupTimeout);
     }
-    this.log.debug(`connection from ${socket.remoteAddress}`);
+    this.log.debug("connection opened", { event: "open" });
+  }
+
+  private outboxFor(transport: ClientTransport): Outbox {
+    return new Outbox(
+      transport,
+      () => this.server?.pause(),
+      () => (this.closing ? this.transport.end() : this.server?.resume()),
+    );
+  }
+
+  /** Events from the raw socket only count until TLS takes it over. */
+  owns(socket: unknown): boolean {
+    return socket === this.transport;
   }
 
   get config() {
@@ -89,6 +114,10 @@ export class Session implements ServerOwner {
 
   get contextKey() {
     return this.ctx.contextKey;
+  }
+
+  get tlsAvailable(): boolean {
+    return this.ctx.tls !== undefined && this.config.clientTls !== "disable";
   }
 
   get clientIsLoopback(): boolean {
@@ -111,8 +140,11 @@ export class Session implements ServerOwner {
   // --------------------------------------------------------- client events
 
   clientData(bytes: Uint8Array): void {
+    const first = this.bytesIn === 0;
     this.bytesIn += bytes.length;
     if (!this.clientFrames) return this.dispatch("client:data", bytes);
+    // A TLS ClientHello (record type 22) first: PostgreSQL 17's direct TLS.
+    if (first && bytes[0] === 0x16 && this.state === "startup") return this.dispatch("client:tls_hello", bytes);
     this.clientFrames.push(bytes);
     this.pumpClient();
   }
@@ -192,11 +224,11 @@ export class Session implements ServerOwner {
   }
 
   serverBacklog(): void {
-    this.socket.pause();
+    this.transport.pause();
   }
 
   serverClear(): void {
-    this.socket.resume();
+    this.transport.resume();
   }
 
   // ------------------------------------------- actions for the lifecycle
@@ -212,6 +244,9 @@ export class Session implements ServerOwner {
 
   /** Client bytes in the transparent state: through the guard, if on. */
   clientToServer(bytes: Uint8Array): void {
+    this.lastClientActivity = performance.now();
+    // Anything but a lone Terminate expects an answer: a query is in flight.
+    if (this.tracker && !(bytes.length === 5 && bytes[0] === 0x58)) this.tracker.busy = true;
     if (!this.guard) return this.toServer(bytes);
     try {
       this.guard.scan(bytes, this.toServer, this.inspect);
@@ -221,21 +256,119 @@ export class Session implements ServerOwner {
     }
   }
 
+  /** Server bytes in the transparent state. */
+  serverToClient(bytes: Uint8Array): void {
+    try {
+      this.tracker?.observe(bytes);
+    } catch (e) {
+      if (!(e instanceof FramingError)) throw e;
+      this.state = this.fail({ severity: "FATAL", code: "08P01", message: `invalid message from the upstream server: ${e.message}` });
+      return;
+    }
+    this.toClient(bytes);
+    if (this.draining && this.idle) this.terminate();
+  }
+
+  /** No transaction open and no query in flight. */
+  get idle(): boolean {
+    return this.state === "transparent" && !!this.tracker && !this.tracker.busy && this.tracker.status === 0x49; // 'I'
+  }
+
+  /** The proxy is shutting down: go now if idle, else after the transaction. */
+  drain(): void {
+    this.draining = true;
+    if (this.state !== "transparent" || this.idle) this.terminate();
+  }
+
+  terminate(): void {
+    if (this.closing) return;
+    this.state = this.fail({ severity: "FATAL", code: "57P01", message: "terminating connection because multigres is shutting down" });
+  }
+
+  closeIfIdle(now: number, limit: number): void {
+    if (this.state !== "transparent" || this.tracker?.busy) return;
+    if (now - this.lastClientActivity < limit) return;
+    this.state = this.fail({ severity: "FATAL", code: "57P05", message: `terminating connection after ${limit} ms idle (--idle-timeout)` });
+  }
+
   private inspect = (type: number, message: Uint8Array): Uint8Array | undefined => {
     const replacement = guardMessage(type, message, this.protectedNames);
     if (replacement) this.log.warn("refused a statement that would change the role or the tenant context (42501)");
     return replacement;
   };
 
+  /** Answer an SSLRequest with 'S' and continue the connection over TLS. */
+  startTls(): void {
+    if (this.clientFrames && this.clientFrames.buffered > 0) {
+      // Bytes sent after SSLRequest but before the handshake were never
+      // encrypted: someone may have injected them (CVE-2021-23214).
+      this.state = this.fail({ severity: "FATAL", code: "08P01", message: "received unencrypted data after SSL request" });
+      return;
+    }
+    this.toClient(Uint8Array.of(0x53));
+    const [, tlsSocket] = this.socket.upgradeTLS<Session>({
+      data: this,
+      socket: clientHandlers as unknown as SocketHandler<Session>,
+      tls: { cert: this.ctx.tls!.cert, key: this.ctx.tls!.key },
+    });
+    this.tls = true;
+    this.transport = tlsSocket;
+    this.out = this.outboxFor(tlsSocket);
+  }
+
+  /** Direct TLS: the handshake already began with `hello`. */
+  startDirectTls(hello: Uint8Array): void {
+    this.clientFrames = new Framer(MAX_STARTUP_PACKET, 256);
+    this.bytesIn = 0;
+    const transport = new DirectTlsTransport(
+      this.socket as never,
+      this.ctx.tls!,
+      {
+        data: (bytes) => this.clientData(bytes),
+        drain: () => this.clientDrained(),
+        close: () => this.clientClosed(),
+        secure: (alpn) => {
+          // Direct TLS without ALPN "postgresql" could be some other protocol's
+          // client talking to the wrong port; Postgres refuses it too.
+          if (alpn !== "postgresql") this.state = this.fail({ severity: "FATAL", code: "08P01", message: "direct TLS connection without ALPN \"postgresql\"" });
+        },
+      },
+      (raw, onClear) => new Outbox(raw, () => this.server?.pause(), () => { onClear(); this.server?.resume(); }),
+    );
+    this.direct = transport;
+    this.tls = true;
+    this.transport = transport;
+    this.out = this.outboxFor(transport);
+    transport.feed(hello);
+  }
+
+  /** The raw socket under a direct-TLS transport. */
+  direct: DirectTlsTransport | undefined;
+
   identify(identity: Exclude<Identity, { kind: "rejected" }>): void {
     this.identity = identity;
-    const who = identity.kind === "tenant" ? `${identity.role}/${identity.tenant}` : `${identity.user} (superuser)`;
-    this.log = log.withTag(`c${this.id} ${who}`);
+    this.log = connectionLog({
+      conn: this.id,
+      remote: this.socket.remoteAddress,
+      user: identity.kind === "tenant" ? identity.role : identity.user,
+      tenant: identity.kind === "tenant" ? identity.tenant : undefined,
+    });
   }
 
   connectUpstream(): void {
-    const { host, port } = this.config.upstream;
-    this.server = ServerConnection.connect(host, port, this);
+    const c = this.config;
+    this.server = ServerConnection.connect(
+      {
+        host: c.upstream.host,
+        port: c.upstream.port,
+        tls: c.upstreamTls,
+        ca: this.ctx.upstreamCa,
+        serverName: c.upstreamServerName,
+        connectTimeout: c.connectTimeout,
+        keepalive: c.keepalive,
+      },
+      this,
+    );
   }
 
   issueCancelKey(): CancelKey {
@@ -266,7 +399,13 @@ export class Session implements ServerOwner {
       if (this.clientFrames.buffered > 0) this.heldClient.push(this.clientFrames.drain());
       this.clientFrames = undefined;
     }
-    this.log.info(this.identity?.kind === "tenant" ? "session ready, tenant context set" : "session ready");
+    this.log.info(this.identity?.kind === "tenant" ? "session ready, tenant context set" : "session ready (superuser, no tenant context)", {
+      event: "ready",
+      tls: this.tls,
+    });
+    this.tracker = new ReadyTracker();
+    this.tracker.status = 0x49; // the ReadyForQuery just relayed said idle
+    this.lastClientActivity = performance.now();
     if (this.identity?.kind === "tenant" && this.config.guard) {
       this.guard = new MessageScanner(guardWatches, MAX_CLIENT_MESSAGE);
       this.protectedNames = protectedSettings(this.config.tenantSetting, signatureSetting(this.config.tenantSetting));
@@ -289,15 +428,49 @@ export class Session implements ServerOwner {
     this.closing = true;
     clearTimeout(this.timer);
     if (this.cancelKey) this.ctx.cancelKeys.release(this.cancelKey);
+    // A client gone mid-query must not leave its backend running the query.
+    if (this.tracker?.busy && this.serverKey) this.cancel();
     this.server?.end();
     this.server = undefined;
     this.clientFrames = this.serverFrames = undefined;
     // What is still queued for the client goes out first (Outbox calls end on clear).
-    if (this.out.backlog === 0) this.socket.end();
-    const seconds = ((performance.now() - this.openedAt) / 1000).toFixed(3);
-    this.log.debug(`closed after ${seconds}s, ${this.bytesIn} bytes in, ${this.bytesOut} bytes out`);
+    if (this.out.backlog === 0) this.transport.end();
+    this.log.info("connection closed", {
+      event: "close",
+      durationMs: Math.round(performance.now() - this.openedAt),
+      bytesIn: this.bytesIn,
+      bytesOut: this.bytesOut,
+    });
     this.ctx.sessionClosed(this);
     return "closed";
   }
 }
 
+
+/**
+ * Socket events of client connections. After an in-place TLS upgrade the
+ * raw socket still reports the ciphertext: only the socket the session
+ * currently talks through counts, except that under direct TLS the raw
+ * socket feeds the TLS layer.
+ */
+export const clientHandlers: SocketHandler<Session, "uint8array"> = {
+  binaryType: "uint8array",
+  data(socket, bytes) {
+    const s = socket.data;
+    if (s.owns(socket)) s.clientData(bytes);
+    else s.direct?.feed(bytes);
+  },
+  drain(socket) {
+    const s = socket.data;
+    if (s.owns(socket)) s.clientDrained();
+    else s.direct?.rawDrained();
+  },
+  close(socket) {
+    const s = socket.data;
+    if (!s.owns(socket)) s.direct?.rawClosed();
+    s.clientClosed();
+  },
+  error(socket, error) {
+    socket.data.log.warn(`client socket error: ${error.message}`);
+  },
+};

@@ -143,7 +143,9 @@ const MAX_LOG = 32 * 1024 * 1024;
 export async function startProxy(opts: ProxyOptions): Promise<ProxyHandle> {
   const bin = ensureBuilt();
   const upstream = `${opts.upstreamHost ?? "127.0.0.1"}:${opts.upstreamPort}`;
-  const cmd = [bin, "start", "--listen", "127.0.0.1:0", "--upstream", upstream, ...(opts.args ?? [])];
+  // The health listener defaults to a fixed port; tests run many proxies at once.
+  const http = opts.args?.includes("--http") ? [] : ["--http", "127.0.0.1:0"];
+  const cmd = [bin, "start", "--listen", "127.0.0.1:0", "--upstream", upstream, ...http, ...(opts.args ?? [])];
 
   const env: Record<string, string> = {};
   for (const [k, v] of Object.entries(process.env)) {
