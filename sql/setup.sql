@@ -80,18 +80,27 @@ REVOKE ALL ON FUNCTION multigres.add_context_key(bytea) FROM PUBLIC;
 -- SECURITY DEFINER so it can read the keys; a fixed search_path so nothing
 -- the session creates can stand in for what it calls. '' counts as unset
 -- (after RESET, current_setting(name, true) returns '' rather than NULL).
+-- plpgsql rather than SQL: plpgsql keeps its query plan for the session,
+-- where a SQL function that cannot be inlined is planned on every call.
 CREATE OR REPLACE FUNCTION multigres.current_tenant_id() RETURNS text
-  LANGUAGE sql STABLE SECURITY DEFINER PARALLEL SAFE
+  LANGUAGE plpgsql STABLE SECURITY DEFINER PARALLEL SAFE
   SET search_path = pg_catalog, pg_temp
 AS $$
-  SELECT s.tenant
-  FROM (SELECT nullif(current_setting('app.current_tenant_id', true), '') AS tenant,
-               nullif(current_setting('app.current_tenant_id_sig', true), '') AS sig) AS s
-  WHERE s.tenant IS NOT NULL
-    AND EXISTS (
-      SELECT 1 FROM multigres.context_keys AS k
-      WHERE encode(sha256(k.outer_pad || sha256(k.inner_pad
-              || convert_to(s.tenant || '/' || pg_backend_pid()::text, 'UTF8'))), 'hex') = s.sig)
+DECLARE
+  tenant text := nullif(current_setting('app.current_tenant_id', true), '');
+  sig text := nullif(current_setting('app.current_tenant_id_sig', true), '');
+BEGIN
+  IF tenant IS NULL OR sig IS NULL THEN
+    RETURN NULL;
+  END IF;
+  PERFORM FROM multigres.context_keys AS k
+    WHERE encode(sha256(k.outer_pad || sha256(k.inner_pad
+            || convert_to(tenant || '/' || pg_backend_pid()::text, 'UTF8'))), 'hex') = sig;
+  IF FOUND THEN
+    RETURN tenant;
+  END IF;
+  RETURN NULL;
+END
 $$;
 REVOKE ALL ON FUNCTION multigres.current_tenant_id() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION multigres.current_tenant_id() TO PUBLIC;
