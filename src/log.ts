@@ -59,6 +59,10 @@ const pretty: ConsolaReporter = {
 
 let format: LogFormat = "pretty";
 
+// A closed stdout/stderr (the reader went away) must not take the proxy down.
+process.stdout.on?.("error", () => {});
+process.stderr.on?.("error", () => {});
+
 // One reporter that looks the format up each time, so child loggers made
 // before a reload follow it too.
 export const log: ConsolaInstance = createConsola({

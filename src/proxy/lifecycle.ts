@@ -55,7 +55,7 @@ const always = {
 export const lifecycle: Record<State, Record<string, Handler>> = {
   startup: {
     "client:ssl": negotiateTls,
-    "client:gssenc": declineEncryption,
+    "client:gssenc": declineGssEncryption,
     "client:tls_hello": directTls,
     "client:cancel": forwardCancel,
     "client:startup": beginSession,
@@ -110,8 +110,18 @@ function declineEncryption(s: Session): State {
   return "startup";
 }
 
+function declineGssEncryption(s: Session): State {
+  // libpq may ask for GSS encryption first and then for TLS: allow that once.
+  if (s.gssAsked) return s.fail({ severity: "FATAL", code: "08P01", message: "duplicate GSS encryption request" });
+  s.gssAsked = true;
+  return declineEncryption(s);
+}
+
 function negotiateTls(s: Session): State {
-  if (s.tls || !s.tlsAvailable) return declineEncryption(s);
+  // One encryption request per connection, as Postgres allows.
+  if (s.encryptionAsked) return s.fail({ severity: "FATAL", code: "08P01", message: "duplicate SSL or GSS encryption request" });
+  s.encryptionAsked = true;
+  if (!s.tlsAvailable) return declineEncryption(s);
   s.startTls();
   return s.state;
 }

@@ -61,6 +61,9 @@ export class Session implements ServerOwner {
 
   /** Whether the client leg is encrypted. */
   tls = false;
+  /** SSLRequest / GSSENCRequest seen (each is allowed once). */
+  encryptionAsked = false;
+  gssAsked = false;
 
   private server: ServerConnection | undefined;
   private transport: ClientTransport;
@@ -130,7 +133,14 @@ export class Session implements ServerOwner {
   private dispatch(event: string, input: Input): void {
     const handler = lifecycle[this.state][event];
     if (handler) {
-      this.state = handler(this, input as never);
+      try {
+        this.state = handler(this, input as never);
+      } catch (e) {
+        // A message that decodes badly (say, truncated by a broken upstream)
+        // ends this session, never the proxy.
+        this.log.warn(`${event} in state ${this.state}: ${(e as Error).message}`);
+        this.state = this.fail({ severity: "FATAL", code: "08P01", message: `protocol violation: ${(e as Error).message}` });
+      }
     } else if (this.state !== "closed") {
       this.log.warn(`${event} in state ${this.state}`);
       this.state = this.fail(protocolViolation(this, event));
@@ -178,6 +188,12 @@ export class Session implements ServerOwner {
     } catch (e) {
       if (!(e instanceof FramingError)) throw e;
       this.state = this.fail({ severity: "FATAL", code: "08P01", message: `invalid ${this.state === "startup" ? "startup packet" : "message"}: ${e.message}` });
+      return;
+    }
+    // A client has nothing to say while the proxy connects upstream; one
+    // that keeps talking is not buffered without bound.
+    if (this.state === "connecting" && frames.buffered > MAX_STARTUP_PACKET) {
+      this.state = this.fail({ severity: "FATAL", code: "08P01", message: "unexpected data from the client before authentication" });
       return;
     }
     // Past authentication the client's bytes are no longer framed here.

@@ -9,7 +9,7 @@
  * Covers:
  * - fuzz: 2,000 random and malformed first packets (fast-check, 25 at a
  *   time), each answered exactly as an independent oracle in this file
- *   predicts: 'N' for every SSLRequest/GSSENCRequest, then ErrorResponse
+ *   predicts: 'N' for the first SSLRequest and the first GSSENCRequest, then ErrorResponse
  *   08P01 for anything malformed (including a direct-TLS 0x16 opening to a
  *   proxy without a certificate), a silent close for a CancelRequest or an
  *   incomplete packet followed by the client's FIN;
@@ -449,6 +449,9 @@ function oracle(bytes: Buffer): Outcome {
   if (bytes[0] === 0x16) return { kind: "reply", ns: 0, end: "08P01" };
   let at = 0;
   let ns = 0;
+  // Like PostgreSQL: one SSLRequest and one GSSENCRequest per connection;
+  // a repeat of either is a protocol violation.
+  const asked = new Set<number>();
   for (;;) {
     if (bytes.length - at < 4) return { kind: "reply", ns, end: "close" }; // incomplete length word
     const len = bytes.readUInt32BE(at);
@@ -457,7 +460,8 @@ function oracle(bytes: Buffer): Outcome {
     const body = bytes.subarray(at + 4, at + len);
     const code = body.readInt32BE(0);
     if (code === SSL_REQUEST || code === GSSENC_REQUEST) {
-      if (len !== 8) return { kind: "reply", ns, end: "08P01" };
+      if (len !== 8 || asked.has(code)) return { kind: "reply", ns, end: "08P01" };
+      asked.add(code);
       ns++;
       at += len;
       continue;
