@@ -236,8 +236,8 @@ export async function runDoctor(opts: DoctorOptions): Promise<DoctorReport> {
               rule: "setup-setting-mismatch",
               severity: "error",
               object: "function multigres.current_tenant_id()",
-              message: `multigres.current_tenant_id() does not read the settings ${tenantSetting} and ${signatureSetting(tenantSetting)} that the proxy sets: no tenant will see its rows`,
-              fix: `${setupFix} --tenant-setting ${tenantSetting}`,
+              message: `multigres.current_tenant_id() does not read ${tenantSetting} and ${signatureSetting(tenantSetting)}, the settings a proxy with --tenant-setting ${tenantSetting} sets: through such a proxy no tenant sees its rows`,
+              fix: `install the verifier for the proxy's setting: ${setupFix} --tenant-setting ${tenantSetting} (or, if the proxy uses another setting, give doctor that --tenant-setting)`,
             });
           }
         }

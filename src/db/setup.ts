@@ -291,43 +291,54 @@ export async function runSetup(opts: SetupOptions): Promise<SetupResult> {
       changes.push(...diffSnapshots(before, after));
 
       await hardenRole(tx, opts.appRole, changes, notes);
-
-      // The context key.
-      const stored = (await tx`SELECT key_id FROM multigres.context_keys ORDER BY created_at, key_id`).map((k) => k.key_id as string);
-      let secret = opts.secret;
-      if (secret === undefined && (stored.length === 0 || opts.generateSecret)) {
-        secret = result.generatedSecret = generateSecret();
-      }
-      if (secret === undefined) {
-        if (opts.retireOtherKeys) {
-          throw new UsageError("--retire-other-keys needs the current secret (MULTIGRES_CONTEXT_SECRET or context_secret) to know which key to keep");
-        }
-        notes.push(
-          `no context secret given (MULTIGRES_CONTEXT_SECRET): kept the stored context key${stored.length > 1 ? "s" : ""} ${stored.join(", ")}`,
-        );
-        return;
-      }
-      const key = deriveContextKey(secret);
-      const id = contextKeyId(key);
-      result.keyId = id;
-      if (!stored.includes(id)) {
-        const [added] = await tx`SELECT multigres.add_context_key(${Buffer.from(key)}) AS id`;
-        if (added?.id !== id) throw new Error(`multigres.add_context_key returned ${added?.id}, expected ${id}`);
-        changes.push(`stored context key ${id}${result.generatedSecret ? " (for the generated secret below)" : ""}`);
-      }
-      if (opts.retireOtherKeys) {
-        const retired = await tx`DELETE FROM multigres.context_keys WHERE key_id <> ${id} RETURNING key_id`;
-        for (const k of retired.map((x) => x.key_id as string).sort()) changes.push(`retired context key ${k}`);
-      } else if (stored.some((k) => k !== id)) {
-        notes.push(
-          `other context keys stay valid: ${stored.filter((k) => k !== id).join(", ")} (once every proxy uses the new secret, run setup again with --retire-other-keys)`,
-        );
-      }
+      await storeKey(tx, opts, result);
+      // A run that changes nothing writes nothing either: CREATE OR REPLACE
+      // rewrites catalog rows even when they come out the same.
+      if (changes.length === 0) throw NOTHING_CHANGED;
     });
+  } catch (e) {
+    if (e !== NOTHING_CHANGED) throw e;
   } finally {
     await sql.end({ timeout: 5 }).catch(() => {});
   }
   return result;
+}
+
+const NOTHING_CHANGED = Symbol("nothing changed");
+
+/** Store the key of the secret (generating one when none is set and none is stored); retire others on request. */
+async function storeKey(tx: Tx, opts: SetupOptions, result: SetupResult): Promise<void> {
+  const { changes, notes } = result;
+  const stored = (await tx`SELECT key_id FROM multigres.context_keys ORDER BY created_at, key_id`).map((k) => k.key_id as string);
+  let secret = opts.secret;
+  if (secret === undefined && (stored.length === 0 || opts.generateSecret)) {
+    secret = result.generatedSecret = generateSecret();
+  }
+  if (secret === undefined) {
+    if (opts.retireOtherKeys) {
+      throw new UsageError("--retire-other-keys needs the current secret (MULTIGRES_CONTEXT_SECRET or context_secret) to know which key to keep");
+    }
+    notes.push(
+      `no context secret given (MULTIGRES_CONTEXT_SECRET): kept the stored context key${stored.length > 1 ? "s" : ""} ${stored.join(", ")}`,
+    );
+    return;
+  }
+  const key = deriveContextKey(secret);
+  const id = contextKeyId(key);
+  result.keyId = id;
+  if (!stored.includes(id)) {
+    const [added] = await tx`SELECT multigres.add_context_key(${Buffer.from(key)}) AS id`;
+    if (added?.id !== id) throw new Error(`multigres.add_context_key returned ${added?.id}, expected ${id}`);
+    changes.push(`stored context key ${id}${result.generatedSecret ? " (for the generated secret below)" : ""}`);
+  }
+  if (opts.retireOtherKeys) {
+    const retired = await tx`DELETE FROM multigres.context_keys WHERE key_id <> ${id} RETURNING key_id`;
+    for (const k of retired.map((x) => x.key_id as string).sort()) changes.push(`retired context key ${k}`);
+  } else if (stored.some((k) => k !== id)) {
+    notes.push(
+      `other context keys stay valid: ${stored.filter((k) => k !== id).join(", ")} (once every proxy uses the new secret, run setup again with --retire-other-keys)`,
+    );
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -343,8 +354,9 @@ function printResult(r: SetupResult): void {
       "",
       `  MULTIGRES_CONTEXT_SECRET=${r.generatedSecret}`,
       "",
-      "Give it to every proxy: set MULTIGRES_CONTEXT_SECRET in the proxy's environment",
-      "(or context_secret in its config file). Keep it secret: whoever has it can sign any tenant.",
+      "Give it to every proxy: MULTIGRES_CONTEXT_SECRET in its environment, or a file named by",
+      "--context-secret-file, or context_secret in its config file. Keep it secret: whoever has",
+      "it can sign any tenant.",
     );
   }
   process.stdout.write(out.join("\n") + "\n");
@@ -384,7 +396,7 @@ export const setupCommand = defineCommand({
         contextSecretFile: args["context-secret-file"] as string | undefined,
       });
       if (args["generate-secret"] && c.secret !== undefined) {
-        throw new UsageError("--generate-secret: unset MULTIGRES_CONTEXT_SECRET / context_secret first (setup would otherwise store that one)");
+        throw new UsageError("--generate-secret: a secret is already configured (MULTIGRES_CONTEXT_SECRET, a secret file or context_secret); unset it first");
       }
       result = await runSetup({
         databaseUrl: c.databaseUrl,
