@@ -82,8 +82,10 @@ REVOKE ALL ON FUNCTION multigres.add_context_key(bytea) FROM PUBLIC;
 -- (after RESET, current_setting(name, true) returns '' rather than NULL).
 -- plpgsql rather than SQL: plpgsql keeps its query plan for the session,
 -- where a SQL function that cannot be inlined is planned on every call.
+-- PARALLEL RESTRICTED: a parallel worker has another pg_backend_pid(), so
+-- the signature would not verify there (closed, but wrong).
 CREATE OR REPLACE FUNCTION multigres.current_tenant_id() RETURNS text
-  LANGUAGE plpgsql STABLE SECURITY DEFINER PARALLEL SAFE
+  LANGUAGE plpgsql STABLE SECURITY DEFINER PARALLEL RESTRICTED
   SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -108,7 +110,7 @@ GRANT EXECUTE ON FUNCTION multigres.current_tenant_id() TO PUBLIC;
 -- Resolvable from the default search_path ("$user", public), which is
 -- where policies and application SQL look for it.
 CREATE OR REPLACE FUNCTION public.current_tenant_id() RETURNS text
-  LANGUAGE sql STABLE PARALLEL SAFE
+  LANGUAGE sql STABLE PARALLEL RESTRICTED
   SET search_path = pg_catalog, pg_temp
 AS $$ SELECT multigres.current_tenant_id() $$;
 GRANT EXECUTE ON FUNCTION public.current_tenant_id() TO PUBLIC;

@@ -5,8 +5,8 @@
 import { defineCommand, runMain, type ArgsDef } from "citty";
 import { ConfigError, loadConfig, OPTIONS, type Flags } from "./config.ts";
 import { configureLog, log } from "./log.ts";
-import { startHttp, tcpReachable } from "./admin/http.ts";
-import { startProxy } from "./proxy/server.ts";
+import { startHttp, tcpReachable, type HttpListener } from "./admin/http.ts";
+import { startProxy, type RunningProxy } from "./proxy/server.ts";
 import { setupCommand } from "./db/setup.ts";
 import { doctorCommand } from "./db/doctor.ts";
 import setupSql from "../sql/setup.sql" with { type: "text" };
@@ -44,18 +44,14 @@ const start = defineCommand({
       process.exit(2);
     }
     configureLog(config.logLevel, config.logFormat);
-    const proxy = await startProxy(config);
-    const http = config.http
-      ? startHttp(config.http, {
-          upstreamReachable: () => tcpReachable(config.upstream.host, config.upstream.port, config.connectTimeout),
-          shuttingDown: () => proxy.shuttingDown,
-          sessions: () => proxy.sessions.size,
-        })
-      : undefined;
 
+    // Handlers go in before anything listens: a signal that arrives between
+    // "listening" and the handler would otherwise kill the process.
+    let proxy: RunningProxy | undefined;
+    let http: HttpListener | undefined;
+    let stopping = false;
     // SIGTERM/SIGINT: stop accepting, let transactions finish (up to
     // --shutdown-timeout), then 57P01. A second signal exits at once.
-    let stopping = false;
     const shutdown = async (signal: string) => {
       if (stopping) {
         log.warn(`${signal} again: exiting now`);
@@ -63,7 +59,7 @@ const start = defineCommand({
       }
       stopping = true;
       log.info(`${signal}: shutting down`);
-      await proxy.shutdown();
+      await proxy?.shutdown();
       http?.stop();
       log.info("all sessions closed, bye");
       process.exit(0);
@@ -74,16 +70,26 @@ const start = defineCommand({
     // (the environment of a running process cannot change); new sessions
     // get the new settings, live ones keep theirs.
     process.on("SIGHUP", async () => {
+      if (!proxy) return;
       try {
         const next = await loadConfig(flags, process.env, configPath);
-        const fixed = (["http"] as const).filter((k) => JSON.stringify(next[k]) !== JSON.stringify(config[k]));
-        if (fixed.length > 0) log.warn(`SIGHUP: ${fixed.join(", ")} cannot change without a restart`);
+        if (JSON.stringify(next.http) !== JSON.stringify(config.http)) log.warn("SIGHUP: http cannot change without a restart");
         configureLog(next.logLevel, next.logFormat);
         await proxy.reload(next);
       } catch (e) {
         log.error(`SIGHUP: configuration not reloaded: ${(e as Error).message}`);
       }
     });
+
+    const running = await startProxy(config);
+    proxy = running;
+    if (config.http) {
+      http = startHttp(config.http, {
+        upstreamReachable: () => tcpReachable(config.upstream.host, config.upstream.port, config.connectTimeout),
+        shuttingDown: () => running.shuttingDown,
+        sessions: () => running.sessions.size,
+      });
+    }
   },
 });
 

@@ -14,6 +14,8 @@ const QUERY = 0x51; // 'Q'
 const PARSE = 0x50; // 'P'
 const FUNCTION_CALL = 0x46; // 'F'
 
+const TEXT_OID = 25;
+
 /** pg_catalog.set_config(text, text, boolean): its OID is fixed in every release. */
 const SET_CONFIG_OID = 2078;
 
@@ -34,8 +36,15 @@ export function guardMessage(type: number, message: Uint8Array, protectedNames: 
     const [sql, afterSql] = cstring(body, afterName);
     const verdict = checkSql(sql, protectedNames);
     if (!verdict) return undefined;
-    // Same statement name and parameter types, so the client's Bind still fits.
-    return frame(PARSE, [encoder.encode(name), Uint8Array.of(0), encoder.encode(refusal(verdict)), Uint8Array.of(0), body.subarray(afterSql)]);
+    // Same statement name and number of parameters, so the client's Bind
+    // still fits; declared as text, since the refusal never reads them and
+    // the server would reject parameters of unknown type.
+    const count = afterSql + 2 <= body.length ? new DataView(body.buffer, body.byteOffset + afterSql, 2).getInt16(0) : 0;
+    const types = new Uint8Array(2 + 4 * Math.max(count, 0));
+    const view = new DataView(types.buffer);
+    view.setInt16(0, Math.max(count, 0));
+    for (let k = 0; k < count; k++) view.setInt32(2 + 4 * k, TEXT_OID);
+    return frame(PARSE, [encoder.encode(name), Uint8Array.of(0), encoder.encode(refusal(verdict)), Uint8Array.of(0), types]);
   }
   if (type === FUNCTION_CALL && body.length >= 4) {
     const oid = new DataView(body.buffer, body.byteOffset, 4).getInt32(0);

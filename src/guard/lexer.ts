@@ -47,11 +47,13 @@ export function lex(sql: string, backslashStrings = false): Token[] {
       tokens.push({ kind: "string", value });
       i = end;
     } else if ((c === "U" || c === "u") && next === "&" && (sql[i + 2] === "'" || sql[i + 2] === '"')) {
-      // Unicode escapes are left undecoded: close enough to compare names.
+      // Decoded like the server does, so U&'r\006Fle' is seen as 'role'.
       const q = sql[i + 2]!;
-      const [value, end] = quoted(sql, i + 3, q, false);
+      const [raw, end] = quoted(sql, i + 3, q, false);
+      const uescape = /^\s*uescape\s*'(.)'/i.exec(sql.slice(end, end + 64));
+      const value = decodeUnicode(raw, uescape ? uescape[1]! : "\\");
       tokens.push(q === "'" ? { kind: "string", value } : { kind: "ident", value });
-      i = end;
+      i = end; // a UESCAPE clause stays in the stream as ordinary tokens
     } else if ((c === "B" || c === "b" || c === "X" || c === "x") && next === "'") {
       const [value, end] = quoted(sql, i + 2, "'", false);
       tokens.push({ kind: "string", value });
@@ -136,8 +138,9 @@ function quoted(sql: string, start: number, quote: string, backslashes: boolean)
   while (i < sql.length) {
     const c = sql[i]!;
     if (backslashes && c === "\\" && i + 1 < sql.length) {
-      value += unescape(sql[i + 1]!);
-      i += 2;
+      const [decoded, length] = escapeAt(sql, i);
+      value += decoded;
+      i += length;
     } else if (c === quote) {
       if (sql[i + 1] === quote) {
         value += quote;
@@ -153,19 +156,42 @@ function quoted(sql: string, start: number, quote: string, backslashes: boolean)
   return [value, sql.length];
 }
 
-function unescape(c: string): string {
-  switch (c) {
-    case "n":
-      return "\n";
-    case "t":
-      return "\t";
-    case "r":
-      return "\r";
-    case "b":
-      return "\b";
-    case "f":
-      return "\f";
-    default:
-      return c;
+/** Decodes one E'' backslash escape at `i` (the backslash); returns it and its length. */
+function escapeAt(sql: string, i: number): [string, number] {
+  const c = sql[i + 1]!;
+  const simple: Record<string, string> = { n: "\n", t: "\t", r: "\r", b: "\b", f: "\f" };
+  if (simple[c]) return [simple[c], 2];
+  const hex = /^x([0-9A-Fa-f]{1,2})/.exec(sql.slice(i + 1, i + 4));
+  if (hex) return [String.fromCharCode(parseInt(hex[1]!, 16)), 1 + hex[0].length];
+  const octal = /^[0-7]{1,3}/.exec(sql.slice(i + 1, i + 4));
+  if (octal) return [String.fromCharCode(parseInt(octal[0], 8) & 0xff), 1 + octal[0].length];
+  const unicode = /^(?:u([0-9A-Fa-f]{4})|U([0-9A-Fa-f]{8}))/.exec(sql.slice(i + 1, i + 10));
+  if (unicode) return [codePoint(parseInt(unicode[1] ?? unicode[2]!, 16)), 1 + unicode[0].length];
+  return [c, 2];
+}
+
+/** Decodes U&'' / U&"" escapes (\XXXX, \+XXXXXX, doubled escape char). */
+function decodeUnicode(text: string, escape: string): string {
+  let out = "";
+  for (let i = 0; i < text.length; i++) {
+    if (text[i] !== escape) {
+      out += text[i];
+    } else if (text[i + 1] === escape) {
+      out += escape;
+      i++;
+    } else if (text[i + 1] === "+" && /^[0-9A-Fa-f]{6}$/.test(text.slice(i + 2, i + 8))) {
+      out += codePoint(parseInt(text.slice(i + 2, i + 8), 16));
+      i += 7;
+    } else if (/^[0-9A-Fa-f]{4}$/.test(text.slice(i + 1, i + 5))) {
+      out += codePoint(parseInt(text.slice(i + 1, i + 5), 16));
+      i += 4;
+    } else {
+      out += text[i];
+    }
   }
+  return out;
+}
+
+function codePoint(n: number): string {
+  return n <= 0x10ffff ? String.fromCodePoint(n) : "\ufffd";
 }

@@ -34,7 +34,26 @@ function check(tokens: Token[], names: readonly string[], depth: number): Verdic
   return undefined;
 }
 
+/** Words after which a PL/pgSQL body starts a statement without a semicolon. */
+const BLOCK_STARTS = new Set(["begin", "then", "else", "loop"]);
+
 function checkStatement(t: Token[], names: readonly string[], depth: number): Verdict | undefined {
+  if (depth > 0) {
+    // Inside a function body `BEGIN SET ROLE …` or `IF … THEN RESET ALL`
+    // is one statement to the splitter: also check from each such start.
+    for (let j = 1; j < t.length; j++) {
+      const prev = t[j - 1]!;
+      if (prev.kind === "word" && BLOCK_STARTS.has(prev.value)) {
+        const v = checkStatementHead(t.slice(j), names);
+        if (v) return v;
+      }
+    }
+  }
+  return checkStatementHead(t, names) ?? checkBodies(t, names, depth);
+}
+
+/** The statement forms recognised by their first words, and set_config() anywhere. */
+function checkStatementHead(t: Token[], names: readonly string[]): Verdict | undefined {
   const word = (i: number) => (t[i]?.kind === "word" ? t[i]!.value : undefined);
   let i = 0;
   const head = word(0);
@@ -79,8 +98,12 @@ function checkStatement(t: Token[], names: readonly string[], depth: number): Ve
     }
   }
 
-  // DO blocks and function bodies: look inside once (dynamic SQL built at
-  // run time is left to the database check).
+  return undefined;
+}
+
+/** DO blocks and function bodies: look inside once (dynamic SQL built at run time is left to the database check). */
+function checkBodies(t: Token[], names: readonly string[], depth: number): Verdict | undefined {
+  const head = t[0]?.kind === "word" ? t[0].value : undefined;
   const hasBody = head === "do" || (head === "create" && t.some((x) => x.kind === "word" && (x.value === "function" || x.value === "procedure")));
   if (hasBody && depth === 0) {
     for (const tok of t) {

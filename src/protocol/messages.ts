@@ -229,3 +229,19 @@ export function readPassword(body: Uint8Array): string {
   const nul = body.indexOf(0);
   return decoder.decode(body.subarray(0, nul < 0 ? body.length : nul));
 }
+
+/** SASLInitialResponse: the chosen mechanism and its first message. */
+export function saslInitialResponse(mechanism: string, data: string): Uint8Array {
+  const bytes = encoder.encode(data);
+  return new MessageWriter().cstring(mechanism).int32(bytes.length).bytes(bytes).finish(MSG.password);
+}
+
+/** SASLResponse: a later message of the exchange. */
+export function saslResponse(data: string): Uint8Array {
+  return new MessageWriter().bytes(encoder.encode(data)).finish(MSG.password);
+}
+
+/** The mechanism-specific data of AuthenticationSASLContinue / SASLFinal. */
+export function readSaslData(body: Uint8Array): string {
+  return decoder.decode(body.subarray(4));
+}

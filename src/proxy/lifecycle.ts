@@ -27,11 +27,15 @@ import {
   readBackendKeyData,
   readErrorFields,
   readPassword,
+  readSaslData,
+  saslInitialResponse,
+  saslResponse,
   startupMessage,
   type ErrorFields,
 } from "../protocol/messages.ts";
 import type { StartupPacket } from "../protocol/startup.ts";
 import { md5PasswordResponse } from "../auth/md5.ts";
+import { SCRAM_MECHANISM, scramContinue, scramStart, scramVerify } from "../auth/scram.ts";
 import { forbiddenStartupParameter, resolveIdentity } from "../tenant/identity.ts";
 import { contextMessages, signatureSetting } from "../tenant/context.ts";
 import { protectedSettings } from "../guard/rules.ts";
@@ -202,9 +206,17 @@ function authRequest(s: Session, m: Frame): State {
     case AUTH.md5Password:
       return md5Challenge(s, m, (req as { salt: Uint8Array }).salt);
     case AUTH.sasl: {
+      const offered = (req as { mechanisms: string[] }).mechanisms;
+      // TLS on both legs: the client would answer with gs2 flag "y", which the
+      // server rejects as a downgrade (see auth/scram.ts). Log in for it.
+      if (s.tls && offered.includes(SCRAM_MECHANISM) && offered.some((x) => x.endsWith("-PLUS"))) {
+        s.scramPending = true;
+        s.toClient(authenticationRequest(AUTH.cleartextPassword));
+        return "authenticating";
+      }
       // Channel binding binds to the TLS connection the client sees, which is
       // not the one the server sees: -PLUS can never succeed through a proxy.
-      const mechanisms = (req as { mechanisms: string[] }).mechanisms.filter((x) => !x.endsWith("-PLUS"));
+      const mechanisms = offered.filter((x) => !x.endsWith("-PLUS"));
       if (mechanisms.length === 0) {
         return s.fail({
           severity: "FATAL",
@@ -215,9 +227,23 @@ function authRequest(s: Session, m: Frame): State {
       s.toClient(authenticationSASL(mechanisms));
       return "authenticating";
     }
-    case AUTH.cleartextPassword:
     case AUTH.saslContinue:
+      if (s.scram) {
+        s.toServer(saslResponse(scramContinue(s.scram, readSaslData(m.body))));
+        return "authenticating";
+      }
+      s.toClient(m.raw);
+      return "authenticating";
     case AUTH.saslFinal:
+      if (s.scram) {
+        const verified = scramVerify(s.scram, readSaslData(m.body));
+        s.scram = undefined;
+        if (!verified) return s.fail({ severity: "FATAL", code: "28000", message: "the upstream server's SCRAM signature did not verify" });
+        return "authenticating"; // AuthenticationOk follows and goes to the client
+      }
+      s.toClient(m.raw);
+      return "authenticating";
+    case AUTH.cleartextPassword:
       s.toClient(m.raw);
       return "authenticating";
     default:
@@ -233,14 +259,14 @@ function authRequest(s: Session, m: Frame): State {
 /**
  * MD5 hashes the user name, so after a rewrite only the proxy can answer.
  * It asks the client for the password in clear, which is acceptable only
- * where nobody can listen: loopback connections (and later TLS).
+ * where nobody can listen: loopback connections and TLS.
  */
 function md5Challenge(s: Session, m: Frame, salt: Uint8Array): State {
   if (s.identity?.kind !== "tenant") {
     s.toClient(m.raw); // no rewrite: the client's own answer is right
     return "authenticating";
   }
-  if (s.config.md5Auth === "loopback" && s.clientIsLoopback) {
+  if (s.config.md5Auth === "loopback" && (s.clientIsLoopback || s.tls)) {
     s.md5Salt = salt;
     s.toClient(authenticationRequest(AUTH.cleartextPassword));
     return "authenticating";
@@ -254,7 +280,12 @@ function md5Challenge(s: Session, m: Frame, salt: Uint8Array): State {
 }
 
 function authResponse(s: Session, m: Frame): State {
-  if (s.md5Salt && s.identity?.kind === "tenant") {
+  if (s.scramPending) {
+    s.scramPending = false;
+    const { state, clientFirst } = scramStart(readPassword(m.body));
+    s.scram = state;
+    s.toServer(saslInitialResponse(SCRAM_MECHANISM, clientFirst));
+  } else if (s.md5Salt && s.identity?.kind === "tenant") {
     const answer = md5PasswordResponse(s.identity.role, readPassword(m.body), s.md5Salt);
     s.md5Salt = undefined;
     s.toServer(passwordMessage(answer));

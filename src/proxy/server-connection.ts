@@ -178,11 +178,14 @@ export class ServerConnection {
       // verify-ca trusts any name on a certificate from the CA; Bun reports a
       // name mismatch like any other verification error, so skip just that.
       const nameOnly = (error as NodeJS.ErrnoException | null)?.code === "ERR_TLS_CERT_ALTNAME_INVALID";
-      if (error && !(mode === "verify-ca" && nameOnly)) {
+      const name = this.options.serverName ?? this.options.host;
+      if (error && nameOnly && mode === "verify-full") {
+        return this.failed(new Error(`the server's certificate does not match "${name}" (verify-full): ${error.message}`));
+      }
+      if (error && !nameOnly) {
         return this.failed(new Error(`the server's certificate is not trusted (${mode}): ${error.message}`));
       }
       if (mode === "verify-full") {
-        const name = this.options.serverName ?? this.options.host;
         const mismatch = checkServerIdentity(name, socket.getPeerCertificate() as PeerCertificate);
         if (mismatch) return this.failed(new Error(`the server's certificate does not match "${name}" (verify-full): ${mismatch.message}`));
       }

@@ -11,6 +11,7 @@ import { Framer, FramingError, type Frame } from "../protocol/framer.ts";
 import { errorResponse, type ErrorFields } from "../protocol/messages.ts";
 import { MAX_STARTUP_PACKET, MIN_STARTUP_PACKET, parseStartupPacket } from "../protocol/startup.ts";
 import type { Identity } from "../tenant/identity.ts";
+import type { ScramClient } from "../auth/scram.ts";
 import { signatureSetting } from "../tenant/context.ts";
 import { guardMessage, guardWatches } from "../guard/guard.ts";
 import { protectedSettings } from "../guard/rules.ts";
@@ -54,6 +55,9 @@ export class Session implements ServerOwner {
   // Set by the lifecycle as the connection progresses.
   upstreamStartup: Uint8Array | undefined;
   md5Salt: Uint8Array | undefined;
+  /** The proxy logs in upstream with SCRAM for a TLS client (auth/scram.ts). */
+  scramPending = false;
+  scram: ScramClient | undefined;
   serverKey: CancelKey | undefined;
   heldReady: Uint8Array | undefined;
   heldReadyAt = 0;

@@ -536,9 +536,24 @@ describe("upstream TLS: PostgreSQL with ssl=on", () => {
     });
     const defaultsUrl = () => libpqUrl(proxy, appUser, { sslmode: "prefer" }, appPw);
 
-    test("baseline: PostgreSQL over TLS offers SCRAM-SHA-256-PLUS; the proxy's offer has no -PLUS", async () => {
+    test("baseline: PostgreSQL over TLS offers SCRAM-SHA-256-PLUS; the proxy never does", async () => {
       expect(await saslOffer(pg.port, APP_USER)).toContain("SCRAM-SHA-256-PLUS");
-      const offered = await saslOffer(proxy.port, appUser);
+      // TLS on both legs: a libpq client would answer a -PLUS-less offer with
+      // gs2 flag "y", which PostgreSQL rejects as a downgrade. So the proxy
+      // asks the TLS client for its password and does SCRAM upstream itself.
+      const { wire } = await tlsViaSslRequest(proxy.port, pki.caPem);
+      try {
+        wire.write(startupMessage(new Map([["user", appUser], ["database", pg.database]])));
+        const m = await wire.next();
+        expect(m?.type).toBe("R");
+        expect(m!.body.readInt32BE(0)).toBe(3); // AuthenticationCleartextPassword, over TLS
+      } finally {
+        wire.destroy();
+      }
+      // With the upstream leg in plaintext, PostgreSQL offers no -PLUS and the
+      // client's SCRAM passes through untouched.
+      const plainUpstream = await proxyWith(["--tls-cert", pki.server.cert, "--tls-key", pki.server.key, "--upstream-tls", "disable"]);
+      const offered = await saslOffer(plainUpstream.port, appUser);
       expect(offered).toContain("SCRAM-SHA-256");
       expect(offered.filter((m) => m.endsWith("-PLUS"))).toEqual([]);
     });
