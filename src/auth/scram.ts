@@ -25,9 +25,13 @@ export interface ScramClient {
 export const SCRAM_MECHANISM = "SCRAM-SHA-256";
 const GS2_HEADER = "n,,"; // no channel binding, no authzid
 
-export function scramStart(password: string, nonce = randomBytes(18).toString("base64")): { state: ScramClient; clientFirst: string } {
-  // The user name in SCRAM is ignored by PostgreSQL (it uses the startup user).
-  const clientFirstBare = `n=,r=${nonce}`;
+export function scramStart(
+  password: string,
+  nonce = randomBytes(18).toString("base64"),
+  // PostgreSQL ignores the SCRAM user name (it uses the startup user).
+  user = "",
+): { state: ScramClient; clientFirst: string } {
+  const clientFirstBare = `n=${user},r=${nonce}`;
   return { state: { password, clientNonce: nonce, clientFirstBare }, clientFirst: GS2_HEADER + clientFirstBare };
 }
 
