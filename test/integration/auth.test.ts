@@ -15,7 +15,7 @@
  * checks straight against Postgres, proving the harness really exercises each
  * method (the server log names the method used for each backend pid).
  */
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, test, setDefaultTimeout } from "bun:test";
 import {
   APP_USER,
   AUTH_METHODS,
@@ -35,6 +35,9 @@ import {
   type PgInstance,
   type ProxyHandle,
 } from "../harness/index.ts";
+
+// Per file: bun applies setDefaultTimeout only to the file that calls it.
+setDefaultTimeout(120_000);
 
 const PASSWORD_USERS = [APP_USER, MD5_USER, CLEAR_USER] as const;
 const WRONG = "definitely-not-the-password";

@@ -9,10 +9,13 @@
  * the same object — that must not. A fully set-up database with properly
  * policied tables yields no error finding and exit 0; error findings exit 1.
  */
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, test, setDefaultTimeout } from "bun:test";
 import { contextKeyId, deriveContextKey } from "../../src/tenant/context.ts";
 import { startPostgres, type PgInstance } from "../harness/index.ts";
 import { describeCli, multigres, Scratch, type CliResult } from "./db-cli-helpers.ts";
+
+// Per file: bun applies setDefaultTimeout only to the file that calls it.
+setDefaultTimeout(120_000);
 
 const SECRET = "doctor-test-secret-0123456789abcdefghijklmnop";
 const OTHER_SECRET = "doctor-test-other-secret-0123456789abcdefghij";

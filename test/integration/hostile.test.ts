@@ -38,7 +38,7 @@
  * No sleeps: every wait is for an event (data, close, a log line), bounded,
  * and fails with what was received so far.
  */
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, test, setDefaultTimeout } from "bun:test";
 import fc from "fast-check";
 import { existsSync, readFileSync } from "node:fs";
 import { createConnection, createServer, type Server, type Socket } from "node:net";
@@ -61,6 +61,9 @@ import {
   type ProxyHandle,
   type Tap,
 } from "../harness/index.ts";
+
+// Per file: bun applies setDefaultTimeout only to the file that calls it.
+setDefaultTimeout(120_000);
 
 // ---------------------------------------------------------------- protocol
 

@@ -21,7 +21,7 @@
  * Raw protocol clients (tls-helpers.ts Wire) are used where the exact
  * ErrorResponse a session receives matters: drivers hide it or reconnect.
  */
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, test, setDefaultTimeout } from "bun:test";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -46,6 +46,9 @@ import {
   type ProxyHandle,
 } from "../harness/index.ts";
 import { getJson, httpBase, jsonLines, openPlain, queryMessage, readyForSignals, waitForEvents, Wire, type LogLine } from "./tls-helpers.ts";
+
+// Per file: bun applies setDefaultTimeout only to the file that calls it.
+setDefaultTimeout(120_000);
 
 let pg: PgInstance;
 const proxies: ProxyHandle[] = [];

@@ -12,7 +12,7 @@
  * reaches the server (checked with a recording TCP relay in front of
  * Postgres); the superuser bypasses rewriting and sees every row.
  */
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, test, setDefaultTimeout } from "bun:test";
 import {
   APP_USER,
   connect,
@@ -34,6 +34,9 @@ import {
   type ProxyHandle,
   type Tap,
 } from "../harness/index.ts";
+
+// Per file: bun applies setDefaultTimeout only to the file that calls it.
+setDefaultTimeout(120_000);
 
 const TENANTS = [TENANT_A, TENANT_B] as const;
 const appPw = PASSWORDS[APP_USER];

@@ -3,13 +3,16 @@
  * the proxy picks up a new secret file on SIGHUP, sessions signed with the
  * old key keep working until that key is retired.
  */
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, test, setDefaultTimeout } from "bun:test";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import postgres from "postgres";
 import { contextKeyId, deriveContextKey, signContext } from "../../src/tenant/context.ts";
 import { APP_USER, CONTEXT_SECRET, PASSWORDS, SETUP_SQL_PATH, startPostgres, startProxy, type PgInstance, type ProxyHandle } from "../harness/index.ts";
+
+// Per file: bun applies setDefaultTimeout only to the file that calls it.
+setDefaultTimeout(120_000);
 
 const DB = "rotation_test";
 const NEW_SECRET = "rotated-context-secret-abcdefghijklmnopqrstuvwxyz";
@@ -62,7 +65,7 @@ describe("context secret rotation", () => {
     expect(await visible(before)).toEqual(["acme 1", "acme 2"]);
 
     // 1. Store the new key next to the old one: both verify now.
-    const [{ id }] = await admin`SELECT multigres.add_context_key(${Buffer.from(newKey)}) AS id`;
+    const [{ id }] = (await admin`SELECT multigres.add_context_key(${Buffer.from(newKey)}) AS id`) as unknown as [{ id: string }];
     expect(id).toBe(contextKeyId(newKey));
 
     // 2. Point the proxy at the new secret and reload.
@@ -72,7 +75,7 @@ describe("context secret rotation", () => {
 
     const after = tenantClient();
     expect(await visible(after)).toEqual(["acme 1", "acme 2"]);
-    const [{ pid, sig }] = await after`select pg_backend_pid() as pid, current_setting('app.current_tenant_id_sig') as sig`;
+    const [{ pid, sig }] = (await after`select pg_backend_pid() as pid, current_setting('app.current_tenant_id_sig') as sig`) as unknown as [{ pid: number; sig: string }];
     expect(sig).toBe(signContext(newKey, "acme", pid));
 
     // The session from before the rotation is untouched.

@@ -14,11 +14,14 @@
  * rewrites the verifier; --config and the secret file; upgrade from a
  * schema-version-1 setup; a failing setup changes nothing; usage errors.
  */
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, test, setDefaultTimeout } from "bun:test";
 import { createHmac } from "node:crypto";
 import { startPostgres, startProxy, writeTempFile, withClient, type PgInstance } from "../harness/index.ts";
 import { contextKeyId, deriveContextKey, signContext } from "../../src/tenant/context.ts";
 import { describeCli, multigres, Scratch } from "./db-cli-helpers.ts";
+
+// Per file: bun applies setDefaultTimeout only to the file that calls it.
+setDefaultTimeout(120_000);
 
 const SECRET_A = "setup-test-secret-A-0123456789abcdefghijkl";
 const SECRET_B = "setup-test-secret-B-0123456789abcdefghijkl";

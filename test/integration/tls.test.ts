@@ -23,7 +23,7 @@
  *   channel_binding=prefer connects, channel_binding=require fails with
  *   libpq's own message, promptly.
  */
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, test, setDefaultTimeout } from "bun:test";
 import { copyFileSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -62,6 +62,9 @@ import {
   Wire,
   type TestPki,
 } from "./tls-helpers.ts";
+
+// Per file: bun applies setDefaultTimeout only to the file that calls it.
+setDefaultTimeout(120_000);
 
 let pg: PgInstance;
 let pki: TestPki;
