@@ -9,7 +9,7 @@
  * fields. Nothing here ever receives a password, proof or secret: the proxy
  * never logs message payloads, and config errors hide the secret.
  */
-import { createConsola, type ConsolaInstance, type ConsolaReporter, type InputLogObject, type LogObject } from "consola";
+import { createConsola, type ConsolaInstance, type ConsolaReporter, type LogObject } from "consola";
 
 export type LogLevel = "silent" | "error" | "warn" | "info" | "debug" | "trace";
 export type LogFormat = "pretty" | "json";
@@ -26,7 +26,7 @@ export interface ConnectionFields {
 
 /** Splits consola's args into the message and any field objects. */
 function parts(logObj: LogObject): { msg: string; fields: Record<string, unknown> } {
-  const fields: Record<string, unknown> = { ...((logObj.fields as Record<string, unknown>) ?? {}) };
+  const fields: Record<string, unknown> = {};
   const words: string[] = [];
   for (const a of logObj.args) {
     if (a instanceof Error) words.push(a.message);
@@ -75,9 +75,24 @@ export function configureLog(level: LogLevel, logFormat: LogFormat): void {
   format = logFormat;
 }
 
-/** A child logger whose every line carries the connection's fields. */
-export function connectionLog(fields: ConnectionFields): ConsolaInstance {
-  return log.withDefaults({ fields } as InputLogObject);
+/**
+ * The logger of one connection: every line carries its fields. A plain
+ * object over the shared consola, not a consola child per connection, so
+ * an idle connection costs a few bytes of logging state, not a logger.
+ */
+export class ConnectionLog {
+  constructor(readonly fields: ConnectionFields) {}
+  error(msg: string, extra?: Record<string, unknown>): void {
+    log.error(msg, this.fields, extra ?? {});
+  }
+  warn(msg: string, extra?: Record<string, unknown>): void {
+    log.warn(msg, this.fields, extra ?? {});
+  }
+  info(msg: string, extra?: Record<string, unknown>): void {
+    log.info(msg, this.fields, extra ?? {});
+  }
+  debug(msg: string, extra?: Record<string, unknown>): void {
+    if (log.level >= LEVELS.debug) log.debug(msg, this.fields, extra ?? {});
+  }
 }
 
-export type { ConsolaInstance as Logger };

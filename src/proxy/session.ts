@@ -6,7 +6,7 @@
  */
 import type { Socket, SocketHandler } from "bun";
 import type { Config } from "../config.ts";
-import { connectionLog, type Logger } from "../log.ts";
+import { ConnectionLog } from "../log.ts";
 import { Framer, FramingError, type Frame } from "../protocol/framer.ts";
 import { errorResponse, type ErrorFields } from "../protocol/messages.ts";
 import { MAX_STARTUP_PACKET, MIN_STARTUP_PACKET, parseStartupPacket } from "../protocol/startup.ts";
@@ -49,7 +49,7 @@ let lastId = 0;
 export class Session implements ServerOwner {
   readonly id = ++lastId;
   state: State = "startup";
-  log: Logger;
+  log: ConnectionLog;
   identity: Exclude<Identity, { kind: "rejected" }> | undefined;
 
   // Set by the lifecycle as the connection progresses.
@@ -93,7 +93,7 @@ export class Session implements ServerOwner {
     private readonly ctx: ProxyContext,
     private readonly socket: ClientSocket,
   ) {
-    this.log = connectionLog({ conn: this.id, remote: socket.remoteAddress });
+    this.log = new ConnectionLog({ conn: this.id, remote: socket.remoteAddress });
     this.transport = socket;
     this.out = this.outboxFor(socket);
     if (ctx.config.startupTimeout > 0) {
@@ -367,7 +367,7 @@ export class Session implements ServerOwner {
 
   identify(identity: Exclude<Identity, { kind: "rejected" }>): void {
     this.identity = identity;
-    this.log = connectionLog({
+    this.log = new ConnectionLog({
       conn: this.id,
       remote: this.socket.remoteAddress,
       user: identity.kind === "tenant" ? identity.role : identity.user,
