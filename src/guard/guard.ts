@@ -27,6 +27,7 @@ const encoder = new TextEncoder();
 /** Returns the replacement for a forbidden message, or undefined to pass it on. */
 export function guardMessage(type: number, message: Uint8Array, protectedNames: readonly string[]): Uint8Array | undefined {
   const body = message.subarray(5);
+  if (type !== FUNCTION_CALL && !mayBeForbidden(body)) return undefined;
   if (type === QUERY) {
     const verdict = checkSql(cstring(body, 0)[0], protectedNames);
     return verdict && frame(QUERY, [encoder.encode(refusal(verdict)), Uint8Array.of(0)]);
@@ -53,6 +54,27 @@ export function guardMessage(type: number, message: Uint8Array, protectedNames: 
     return frame(QUERY, [encoder.encode(refusal(verdict)), Uint8Array.of(0)]);
   }
   return undefined;
+}
+
+/**
+ * The hot-path filter, on raw bytes, before anything is decoded: every
+ * forbidden statement contains "set" (SET, RESET, set_config, ALTER … SET)
+ * or "discard", in any case, unless it hides a name in U&"…" escapes.
+ * Most queries contain none of these and cost one pass over their bytes.
+ */
+export function mayBeForbidden(b: Uint8Array): boolean {
+  const n = b.length;
+  for (let i = 0; i + 1 < n; i++) {
+    const c = b[i]! | 0x20;
+    if (c === 0x73 /* s */) {
+      if (i + 2 < n && (b[i + 1]! | 0x20) === 0x65 && (b[i + 2]! | 0x20) === 0x74) return true;
+    } else if (c === 0x64 /* d */) {
+      if (i + 6 < n && (b[i + 1]! | 0x20) === 0x69 && (b[i + 2]! | 0x20) === 0x73 && (b[i + 3]! | 0x20) === 0x63) return true;
+    } else if (c === 0x75 /* u */ && b[i + 1] === 0x26 /* & */) {
+      return true;
+    }
+  }
+  return false;
 }
 
 /** SQL that fails with 42501 and says why. Only our own text goes in it. */
