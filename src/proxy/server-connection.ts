@@ -7,6 +7,7 @@
  * same connection to another session without either knowing the other.
  */
 import type { Socket, SocketHandler } from "bun";
+import { connect as netConnect, type Socket as NetSocket } from "node:net";
 import { checkServerIdentity, type PeerCertificate } from "node:tls";
 import { SSL_REQUEST } from "../protocol/messages.ts";
 import { Outbox } from "./outbox.ts";
@@ -59,9 +60,6 @@ const handlers: SocketHandler<ServerConnection, "uint8array"> = {
   close(socket, error) {
     if (socket.data.isCurrent(socket)) socket.data.closed(error);
   },
-  connectError(socket, error) {
-    socket.data.failed(error);
-  },
   handshake(socket, success, error) {
     socket.data.handshaken(socket, success, error);
   },
@@ -74,6 +72,8 @@ export class ServerConnection {
   /** Waiting for the server's one-byte answer to our SSLRequest. */
   private awaitingSslAnswer = false;
   private timer: ReturnType<typeof setTimeout> | undefined;
+  /** The connect in progress, which failed() can abandon. */
+  private pending: NetSocket | undefined;
 
   private constructor(
     public owner: ServerOwner | undefined,
@@ -88,13 +88,25 @@ export class ServerConnection {
         options.connectTimeout,
       );
     }
-    Bun.connect({
-      hostname: options.host,
-      port: options.port,
-      socket: handlers as unknown as SocketHandler<ServerConnection>,
-      data: conn,
-    }).catch(() => {
-      // connectError has reported it already; this only silences the promise.
+    // Bun.connect cannot abandon a connect in progress: against a host that
+    // drops SYNs the socket would linger for the kernel's SYN retries (~2
+    // minutes) after the client got its 08006. node:net can (destroy()),
+    // and in Bun its socket wraps a native Bun socket, which we take over
+    // with our own handlers once connected.
+    const pending = netConnect({ host: options.host, port: options.port });
+    conn.pending = pending;
+    pending.once("error", (error) => conn.failed(error));
+    pending.once("connect", () => {
+      conn.pending = undefined;
+      const native = (pending as unknown as { _handle?: ServerSocket & { reload?(o: { socket: unknown }): void } })._handle;
+      if (!native?.reload) {
+        pending.destroy();
+        return conn.failed(new Error("this Bun cannot hand a node:net socket over (no _handle.reload)"));
+      }
+      pending.removeAllListeners();
+      native.reload({ socket: handlers });
+      native.data = conn;
+      conn.opened(native);
     });
     return conn;
   }
@@ -121,6 +133,8 @@ export class ServerConnection {
     this.ended = true;
     this.owner = undefined;
     clearTimeout(this.timer);
+    this.pending?.destroy();
+    this.pending = undefined;
     this.socket?.end();
   }
 
@@ -207,6 +221,8 @@ export class ServerConnection {
     if (this.ended) return;
     this.ended = true;
     clearTimeout(this.timer);
+    this.pending?.destroy();
+    this.pending = undefined;
     this.socket?.end();
     const owner = this.owner;
     this.owner = undefined;

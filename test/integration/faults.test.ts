@@ -38,7 +38,7 @@
  *    startup phase and answered (28000) once they finish it. See the test
  *    for why not 2,000 full sessions by default.
  */
-import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
+import { afterAll, afterEach, beforeAll, describe, expect, test, setDefaultTimeout } from "bun:test";
 import { createConnection, type Socket } from "node:net";
 import {
   APP_USER,
@@ -72,6 +72,9 @@ import {
   type FakeUpstream,
   type Relay,
 } from "./fault-helpers.ts";
+
+// Per file: bun applies setDefaultTimeout only to the file that calls it.
+setDefaultTimeout(120_000);
 
 /** Total concurrent connections in the 2,000-connection test. */
 const TOTAL_CONNECTIONS = 2_000;
