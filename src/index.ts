@@ -85,7 +85,11 @@ const start = defineCommand({
     proxy = running;
     if (config.http) {
       http = startHttp(config.http, {
-        upstreamReachable: () => tcpReachable(config.upstream.host, config.upstream.port, config.connectTimeout),
+        // The upstream of the current config, reloads included.
+        upstreamReachable: () => {
+          const { upstream, connectTimeout } = running.config;
+          return tcpReachable(upstream.host, upstream.port, connectTimeout > 0 ? connectTimeout : 5000);
+        },
         shuttingDown: () => running.shuttingDown,
         sessions: () => running.sessions.size,
       });

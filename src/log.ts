@@ -5,9 +5,9 @@
  *   json    one JSON object per line: time, level, msg, and the connection's
  *           fields (conn, remote, user, tenant) plus any event fields
  *
- * Each connection logs through its own child logger that carries its
- * fields. Nothing here ever receives a password, proof or secret: the proxy
- * never logs message payloads, and config errors hide the secret.
+ * Each connection logs through a ConnectionLog that adds its fields to
+ * every line. Nothing here ever receives a password, proof or secret: the
+ * proxy never logs message payloads, and config errors hide the secret.
  */
 import { createConsola, type ConsolaInstance, type ConsolaReporter, type LogObject } from "consola";
 
@@ -63,8 +63,8 @@ let format: LogFormat = "pretty";
 process.stdout.on?.("error", () => {});
 process.stderr.on?.("error", () => {});
 
-// One reporter that looks the format up each time, so child loggers made
-// before a reload follow it too.
+// One reporter that looks the format up each time, so a reload switches
+// every line at once.
 export const log: ConsolaInstance = createConsola({
   level: LEVELS.info,
   reporters: [{ log: (logObj, ctx) => (format === "json" ? json : pretty).log(logObj, ctx) }],

@@ -16,6 +16,13 @@ const FUNCTION_CALL = 0x46; // 'F'
 
 const TEXT_OID = 25;
 
+/**
+ * Statements larger than this (bulk INSERTs, huge literals) pass unlexed:
+ * lexing megabytes on the event loop would stall every other session. The
+ * guard is defence in depth; the database's check does not depend on it.
+ */
+export const MAX_LEXED = 1 << 20;
+
 /** pg_catalog.set_config(text, text, boolean): its OID is fixed in every release. */
 const SET_CONFIG_OID = 2078;
 
@@ -27,7 +34,7 @@ const encoder = new TextEncoder();
 /** Returns the replacement for a forbidden message, or undefined to pass it on. */
 export function guardMessage(type: number, message: Uint8Array, protectedNames: readonly string[]): Uint8Array | undefined {
   const body = message.subarray(5);
-  if (type !== FUNCTION_CALL && !mayBeForbidden(body)) return undefined;
+  if (type !== FUNCTION_CALL && (body.length > MAX_LEXED || !mayBeForbidden(body))) return undefined;
   if (type === QUERY) {
     const verdict = checkSql(cstring(body, 0)[0], protectedNames);
     return verdict && frame(QUERY, [encoder.encode(refusal(verdict)), Uint8Array.of(0)]);

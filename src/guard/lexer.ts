@@ -14,8 +14,19 @@ export type Token =
   | { kind: "number"; value: string }
   | { kind: "op"; value: string }; // punctuation and operators, one token each
 
-const WORD_START = /[A-Za-z_\u0080-\uffff]/;
-const WORD_PART = /[A-Za-z0-9_$\u0080-\uffff]/;
+// Character classes by code, not by regex: the lexer may see megabytes.
+const isWordStart = (c: number) => (c >= 97 && c <= 122) || (c >= 65 && c <= 90) || c === 95 || c >= 0x80;
+const isWordPart = (c: number) => isWordStart(c) || (c >= 48 && c <= 57) || c === 36;
+const isDigit = (c: number) => c >= 48 && c <= 57;
+// Digits, '.', '_', exponent and radix letters (0x1F, 1e5, 1_000).
+const isNumberPart = (c: number) => isDigit(c) || c === 46 || c === 95 || (c >= 97 && c <= 122) || (c >= 65 && c <= 90);
+/** Punctuation tokens are immutable, so one object per character serves all. */
+const OPS = new Map<string, Token>();
+const op = (c: string): Token => {
+  let t = OPS.get(c);
+  if (!t) OPS.set(c, (t = Object.freeze({ kind: "op", value: c }) as Token));
+  return t;
+};
 const DOLLAR_TAG = /^\$([A-Za-z_\u0080-\uffff][A-Za-z0-9_\u0080-\uffff]*)?\$/;
 
 /**
@@ -31,7 +42,7 @@ export function lex(sql: string, backslashStrings = false): Token[] {
     const c = sql[i]!;
     const next = sql[i + 1];
 
-    if (c === " " || c === "\t" || c === "\n" || c === "\r" || c === "\f") {
+    if (c === " " || c === "\t" || c === "\n" || c === "\r" || c === "\f" || c === "\v") {
       i++;
     } else if (c === "-" && next === "-") {
       const eol = sql.indexOf("\n", i);
@@ -72,21 +83,21 @@ export function lex(sql: string, backslashStrings = false): Token[] {
       } else {
         let j = i + 1;
         while (j < n && sql[j]! >= "0" && sql[j]! <= "9") j++;
-        tokens.push(j > i + 1 ? { kind: "param", value: sql.slice(i, j) } : { kind: "op", value: "$" });
+        tokens.push(j > i + 1 ? { kind: "param", value: sql.slice(i, j) } : op("$"));
         i = j > i + 1 ? j : i + 1;
       }
-    } else if (WORD_START.test(c)) {
+    } else if (isWordStart(sql.charCodeAt(i))) {
       let j = i + 1;
-      while (j < n && WORD_PART.test(sql[j]!)) j++;
+      while (j < n && isWordPart(sql.charCodeAt(j))) j++;
       tokens.push({ kind: "word", value: sql.slice(i, j).toLowerCase() });
       i = j;
-    } else if (c >= "0" && c <= "9") {
+    } else if (isDigit(sql.charCodeAt(i))) {
       let j = i + 1;
-      while (j < n && /[0-9.eE_a-fA-FxXoObB]/.test(sql[j]!)) j++;
+      while (j < n && isNumberPart(sql.charCodeAt(j))) j++;
       tokens.push({ kind: "number", value: sql.slice(i, j) });
       i = j;
     } else {
-      tokens.push({ kind: "op", value: c });
+      tokens.push(op(c));
       i++;
     }
   }
@@ -133,27 +144,26 @@ function skipBlockComment(sql: string, start: number): number {
  * character. Returns the decoded text and the index after the close.
  */
 function quoted(sql: string, start: number, quote: string, backslashes: boolean): [string, number] {
+  // Runs between quotes (and escapes) are sliced whole: a multi-megabyte
+  // literal costs a few indexOf calls, not a loop per character.
   let value = "";
   let i = start;
-  while (i < sql.length) {
-    const c = sql[i]!;
-    if (backslashes && c === "\\" && i + 1 < sql.length) {
-      const [decoded, length] = escapeAt(sql, i);
-      value += decoded;
-      i += length;
-    } else if (c === quote) {
-      if (sql[i + 1] === quote) {
-        value += quote;
-        i += 2;
-      } else {
-        return [value, i + 1];
-      }
+  for (;;) {
+    const q = sql.indexOf(quote, i);
+    const b = backslashes ? sql.indexOf("\\", i) : -1;
+    if (b >= 0 && (q < 0 || b < q) && b + 1 < sql.length) {
+      const [decoded, length] = escapeAt(sql, b);
+      value += sql.slice(i, b) + decoded;
+      i = b + length;
+    } else if (q < 0) {
+      return [value + sql.slice(i), sql.length];
+    } else if (sql[q + 1] === quote) {
+      value += sql.slice(i, q + 1);
+      i = q + 2;
     } else {
-      value += c;
-      i++;
+      return [value + sql.slice(i, q), q + 1];
     }
   }
-  return [value, sql.length];
 }
 
 /** Decodes one E'' backslash escape at `i` (the backslash); returns it and its length. */

@@ -17,13 +17,10 @@ export function protectedSettings(tenantSetting: string, signatureSetting: strin
   return [tenantSetting, signatureSetting, "role", "session_authorization"].map((s) => s.toLowerCase());
 }
 
-/** Cheap pre-check: text without these letters cannot hold a forbidden statement. */
-const MAYBE = /set|discard|do|alter/i;
-
 export function checkSql(sql: string, protectedNames: readonly string[]): Verdict | undefined {
-  if (!MAYBE.test(sql)) return undefined;
-  // Both readings of '' strings: a session may turn standard_conforming_strings off.
-  return check(lex(sql, false), protectedNames, 0) ?? check(lex(sql, true), protectedNames, 0);
+  // Both readings of '' strings (a session may turn standard_conforming_strings
+  // off); they differ only where a backslash appears.
+  return check(lex(sql, false), protectedNames, 0) ?? (sql.includes("\\") ? check(lex(sql, true), protectedNames, 0) : undefined);
 }
 
 function check(tokens: Token[], names: readonly string[], depth: number): Verdict | undefined {
@@ -108,7 +105,7 @@ function checkBodies(t: Token[], names: readonly string[], depth: number): Verdi
   if (hasBody && depth === 0) {
     for (const tok of t) {
       if (tok.kind === "string") {
-        const inner = check(lex(tok.value), names, depth + 1) ?? check(lex(tok.value, true), names, depth + 1);
+        const inner = check(lex(tok.value), names, depth + 1) ?? (tok.value.includes("\\") ? check(lex(tok.value, true), names, depth + 1) : undefined);
         if (inner) return inner;
       }
     }

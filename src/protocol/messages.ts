@@ -245,3 +245,23 @@ export function saslResponse(data: string): Uint8Array {
 export function readSaslData(body: Uint8Array): string {
   return decoder.decode(body.subarray(4));
 }
+
+/** The column values of a DataRow (text format), NULL as null. */
+export function readDataRow(body: Uint8Array): (string | null)[] {
+  const view = new DataView(body.buffer, body.byteOffset, body.byteLength);
+  const count = view.getInt16(0);
+  const values: (string | null)[] = [];
+  let at = 2;
+  for (let i = 0; i < count; i++) {
+    const length = view.getInt32(at);
+    at += 4;
+    if (length < 0) {
+      values.push(null);
+      continue;
+    }
+    if (at + length > body.length) throw new Error("truncated DataRow");
+    values.push(decoder.decode(body.subarray(at, at + length)));
+    at += length;
+  }
+  return values;
+}

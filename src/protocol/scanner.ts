@@ -1,11 +1,14 @@
 /**
  * Walks a stream of typed messages chunk by chunk, without copying what it
- * passes on. Runs of messages nobody needs to see leave as slices of the
- * chunk they arrived in (one write per chunk in the common case); only
- * messages of the watched types are assembled whole and offered to
- * `inspect`, which may replace them. The framing is read from each 5-byte
- * header; a header or watched message split across chunks is carried over.
+ * passes on. Messages nobody needs to see leave as slices of the chunk they
+ * arrived in, and so do watched messages that `inspect` lets through: a
+ * chunk is split only where a message is replaced, so the common case stays
+ * one write per chunk. The framing is read from each 5-byte header; a
+ * header or a watched message split across chunks is carried over, held
+ * as the pieces that actually arrived (a header claiming a gigabyte costs
+ * nothing until the gigabyte comes).
  */
+import { concat } from "./messages.ts";
 import { FramingError } from "./framer.ts";
 
 export type Inspect = (type: number, message: Uint8Array) => Uint8Array | undefined;
@@ -13,11 +16,13 @@ export type Inspect = (type: number, message: Uint8Array) => Uint8Array | undefi
 export class MessageScanner {
   /** Bytes of the current pass-through message still to come. */
   private skip = 0;
-  /** A header, or a watched message, being assembled across chunks. */
-  private partial: Uint8Array | undefined;
-  private filled = 0;
-  /** Whether `partial` is just a header (type unknown until complete). */
-  private partialIsHeader = false;
+  /** A header split across chunks. */
+  private header: Uint8Array | undefined;
+  private headerFill = 0;
+  /** A watched message split across chunks: its pieces so far, and its size. */
+  private pieces: Uint8Array[] | undefined;
+  private piecesHave = 0;
+  private piecesNeed = 0;
 
   constructor(
     private readonly watched: (type: number) => boolean,
@@ -37,43 +42,44 @@ export class MessageScanner {
         continue;
       }
 
-      if (this.partial) {
-        const want = this.partial.length - this.filled;
-        const k = Math.min(want, n - pos);
-        this.partial.set(chunk.subarray(pos, pos + k), this.filled);
-        this.filled += k;
+      if (this.pieces) {
+        const k = Math.min(this.piecesNeed - this.piecesHave, n - pos);
+        this.pieces.push(chunk.slice(pos, pos + k));
+        this.piecesHave += k;
         pos += k;
         start = pos;
-        if (this.filled < this.partial.length) return;
-        const done = this.partial;
-        this.partial = undefined;
-        if (this.partialIsHeader) {
-          // A completed header: now we know the type and length.
-          this.partialIsHeader = false;
-          const length = this.length(done, 1);
-          if (!this.watched(done[0]!)) {
-            out(done);
-            this.skip = length - 4;
-          } else if (length === 4) {
-            out(inspect(done[0]!, done) ?? done);
-          } else {
-            this.partial = new Uint8Array(1 + length);
-            this.partial.set(done);
-            this.filled = 5;
-          }
-        } else {
-          out(inspect(done[0]!, done) ?? done);
-        }
+        if (this.piecesHave < this.piecesNeed) return;
+        const message = concat(this.pieces);
+        this.pieces = undefined;
+        out(inspect(message[0]!, message) ?? message);
         continue;
       }
 
-      if (n - pos < 5) {
+      if (this.headerFill > 0 || n - pos < 5) {
+        // A header split across chunks: hold its bytes back until we know
+        // whether its message is watched.
         if (pos > start) out(chunk.subarray(start, pos));
-        this.partial = new Uint8Array(5);
-        this.partial.set(chunk.subarray(pos));
-        this.filled = n - pos;
-        this.partialIsHeader = true;
-        return;
+        this.header ??= new Uint8Array(5);
+        const k = Math.min(5 - this.headerFill, n - pos);
+        this.header.set(chunk.subarray(pos, pos + k), this.headerFill);
+        this.headerFill += k;
+        pos += k;
+        start = pos;
+        if (this.headerFill < 5) return;
+        this.headerFill = 0;
+        const header = this.header.slice();
+        const length = this.length(header, 1);
+        if (!this.watched(header[0]!)) {
+          out(header);
+          this.skip = length - 4;
+        } else if (length === 4) {
+          out(inspect(header[0]!, header) ?? header);
+        } else {
+          this.pieces = [header];
+          this.piecesHave = 5;
+          this.piecesNeed = 1 + length;
+        }
+        continue;
       }
 
       const type = chunk[pos]!;
@@ -87,16 +93,20 @@ export class MessageScanner {
         continue;
       }
 
-      if (pos > start) out(chunk.subarray(start, pos));
       if (pos + total <= n) {
-        const message = chunk.subarray(pos, pos + total);
-        out(inspect(type, message) ?? message);
+        const replacement = inspect(type, chunk.subarray(pos, pos + total));
+        if (replacement) {
+          if (pos > start) out(chunk.subarray(start, pos));
+          out(replacement);
+          start = pos + total;
+        }
         pos += total;
-        start = pos;
       } else {
-        this.partial = new Uint8Array(total);
-        this.partial.set(chunk.subarray(pos));
-        this.filled = n - pos;
+        // Watched and incomplete: what came before goes on, the rest waits.
+        if (pos > start) out(chunk.subarray(start, pos));
+        this.pieces = [chunk.slice(pos)];
+        this.piecesHave = n - pos;
+        this.piecesNeed = total;
         return;
       }
     }

@@ -59,7 +59,7 @@ function parseParams(bytes: Uint8Array, major: number, minor: number): StartupPa
     } catch {
       return invalid("startup packet is not valid UTF-8");
     }
-    if (params.has(key)) return invalid(`duplicate startup parameter "${key}"`);
+    if (params.has(key)) return invalid(`duplicate startup parameter "${key.replace(/[\u0000-\u001f\u007f]/g, "?").slice(0, 64)}"`);
     params.set(key, value);
     at = valueEnd + 1;
   }

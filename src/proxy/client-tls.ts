@@ -42,6 +42,7 @@ export interface DirectTlsEvents {
   close(): void;
   /** Handshake done; `alpn` is the protocol the client chose, if any. */
   secure(alpn: string | false): void;
+  error(error: Error): void;
 }
 
 export class DirectTlsTransport implements ClientTransport {
@@ -80,7 +81,10 @@ export class DirectTlsTransport implements ClientTransport {
     this.tls.on("data", (b: Buffer) => events.data(new Uint8Array(b.buffer, b.byteOffset, b.byteLength)));
     this.tls.on("drain", () => events.drain());
     this.tls.on("close", () => events.close());
-    this.tls.on("error", () => this.raw.end());
+    this.tls.on("error", (e) => {
+      events.error(e);
+      this.raw.end();
+    });
   }
 
   get remoteAddress(): string {
@@ -104,7 +108,9 @@ export class DirectTlsTransport implements ClientTransport {
   /** Takes all or nothing: nothing while node's own buffer is full. */
   write(bytes: Uint8Array): number {
     if (this.tls.writableNeedDrain) return 0;
-    this.tls.write(bytes);
+    // A copy: node may hold the buffer after write() returns, and ours may
+    // be a view into a framer that is reused.
+    this.tls.write(Buffer.from(bytes));
     return bytes.length;
   }
 

@@ -25,6 +25,7 @@ import {
   passwordMessage,
   readAuthRequest,
   readBackendKeyData,
+  readDataRow,
   readErrorFields,
   readPassword,
   readSaslData,
@@ -36,10 +37,10 @@ import {
 import type { StartupPacket } from "../protocol/startup.ts";
 import { md5PasswordResponse } from "../auth/md5.ts";
 import { SCRAM_MECHANISM, scramContinue, scramStart, scramVerify } from "../auth/scram.ts";
-import { forbiddenStartupParameter, resolveIdentity } from "../tenant/identity.ts";
+import { forbiddenStartupParameter, printable, resolveIdentity } from "../tenant/identity.ts";
 import { contextMessages, signatureSetting } from "../tenant/context.ts";
 import { protectedSettings } from "../guard/rules.ts";
-import type { Session } from "./session.ts";
+import { MAX_HELD_BYTES, type Session } from "./session.ts";
 
 export type State = "startup" | "connecting" | "authenticating" | "post_auth" | "injecting" | "transparent" | "closed";
 
@@ -89,7 +90,7 @@ export const lifecycle: Record<State, Record<string, Handler>> = {
   injecting: {
     "server:1": expectedReply, // ParseComplete
     "server:2": expectedReply, // BindComplete
-    "server:D": expectedReply, // the set_config() row
+    "server:D": contextRow, // the set_config() row, and whether RLS can be bypassed
     "server:C": expectedReply, // CommandComplete
     "server:S": relay,
     "server:N": relay,
@@ -201,6 +202,10 @@ function authRequest(s: Session, m: Frame): State {
   const req = readAuthRequest(m.body);
   switch (req.code) {
     case AUTH.ok:
+      // Logging in with SCRAM ourselves, Ok must follow a verified SASLFinal.
+      if (s.scram || s.scramPending) {
+        return s.fail({ severity: "FATAL", code: "28000", message: "the upstream server skipped SCRAM verification" });
+      }
       s.toClient(m.raw);
       return "post_auth";
     case AUTH.md5Password:
@@ -274,7 +279,7 @@ function md5Challenge(s: Session, m: Frame, salt: Uint8Array): State {
   return s.fail({
     severity: "FATAL",
     code: "28000",
-    message: `MD5 authentication cannot pass through the user name rewrite for "${s.identity.user}"`,
+    message: `MD5 authentication cannot pass through the user name rewrite for "${printable(s.identity.user)}"`,
     hint: "store the role's password as SCRAM (password_encryption = 'scram-sha-256', then ALTER ROLE … PASSWORD) and use scram-sha-256 in pg_hba.conf",
   });
 }
@@ -331,6 +336,20 @@ function expectedReply(): State {
   return "injecting";
 }
 
+function contextRow(s: Session, m: Frame): State {
+  const values = readDataRow(m.body);
+  if (values.at(-1) !== "f") {
+    const role = s.config.role ?? (s.identity?.kind === "tenant" ? s.identity.role : "?");
+    return s.fail({
+      severity: "FATAL",
+      code: "28000",
+      message: `tenant sessions must not be able to bypass row-level security, but role "${role}" (or the login role) is a superuser, has BYPASSRLS, or is a member of such a role`,
+      hint: "use a NOSUPERUSER NOBYPASSRLS app role (multigres setup hardens it); superusers connect as themselves (--superuser)",
+    });
+  }
+  return "injecting";
+}
+
 function contextFailed(s: Session, m: Frame): State {
   const fields = readErrorFields(m.body);
   s.log.error(`could not establish tenant context: ${fields.get("M") ?? "unknown error"}`);
@@ -353,8 +372,11 @@ function contextReady(s: Session): State {
 
 function holdClientBytes(s: Session, bytes: Uint8Array): State {
   // A client that pipelines before its first ReadyForQuery: keep its bytes
-  // (in order) until the context is in place.
-  s.heldClient.push(bytes.slice());
+  // (in order) until the context is in place, and stop reading past a bound.
+  // Each data event brings a buffer of its own, so no copy is needed.
+  s.heldClient.push(bytes);
+  s.heldBytes += bytes.length;
+  if (s.heldBytes > MAX_HELD_BYTES) s.pauseClient();
   return s.state;
 }
 

@@ -104,6 +104,7 @@ export class ServerConnection {
         return conn.failed(new Error("this Bun cannot hand a node:net socket over (no _handle.reload)"));
       }
       pending.removeAllListeners();
+      pending.on("error", () => {}); // the wrapper is abandoned; nothing it says matters
       native.reload({ socket: handlers });
       native.data = conn;
       conn.opened(native);

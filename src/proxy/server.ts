@@ -16,6 +16,8 @@ export interface RunningProxy {
   port: number;
   sessions: ReadonlySet<Session>;
   readonly shuttingDown: boolean;
+  /** The config in force (it changes on reload). */
+  readonly config: Config;
   /** Apply a reloaded config: new sessions use it, live ones keep theirs. */
   reload(config: Config): Promise<void>;
   /**
@@ -35,7 +37,7 @@ export async function startProxy(config: Config): Promise<RunningProxy> {
     contextKey: deriveContextKey(config.contextSecret),
     ...(await loadFiles(config)),
     cancelKeys: new CancelRegistry(),
-    sendCancel: (processId, secretKey) => sendCancel(ctx.config.upstream, processId, secretKey),
+    sendCancel,
     sessionClosed: (s) => {
       sessions.delete(s);
       if (sessions.size === 0) allClosed?.();
@@ -75,6 +77,9 @@ export async function startProxy(config: Config): Promise<RunningProxy> {
     sessions,
     get shuttingDown() {
       return shuttingDown;
+    },
+    get config() {
+      return ctx.config;
     },
 
     async reload(next: Config) {

@@ -16,7 +16,7 @@ import { signatureSetting } from "../tenant/context.ts";
 import { guardMessage, guardWatches } from "../guard/guard.ts";
 import { protectedSettings } from "../guard/rules.ts";
 import { MessageScanner } from "../protocol/scanner.ts";
-import { ReadyTracker } from "../protocol/ready.ts";
+import { QueryTracker } from "../protocol/ready.ts";
 import type { CancelKey, CancelRegistry } from "./cancel.ts";
 import { lifecycle, protocolViolation, type Input, type State } from "./lifecycle.ts";
 import { Outbox } from "./outbox.ts";
@@ -25,6 +25,10 @@ import { DirectTlsTransport, type ClientTransport, type ServerTls } from "./clie
 
 /** Largest server message accepted before the transparent state. */
 const MAX_SERVER_STARTUP_MESSAGE = 1 << 20;
+/** How long a closing session may wait for a client to read what is queued. */
+const CLOSE_DEADLINE_MS = 10_000;
+/** Client bytes held before the context is set, before the client is paused. */
+export const MAX_HELD_BYTES = 64 * 1024;
 /** Postgres's own limit on a client message (MaxAllocSize). */
 const MAX_CLIENT_MESSAGE = 0x3fffffff;
 
@@ -40,7 +44,7 @@ export interface ProxyContext {
   /** PEM CA bundle for verifying the upstream, when configured. */
   upstreamCa: string | undefined;
   cancelKeys: CancelRegistry;
-  sendCancel(processId: number, secretKey: number): void;
+  sendCancel(upstream: { host: string; port: number }, processId: number, secretKey: number): void;
   sessionClosed(session: Session): void;
 }
 
@@ -62,9 +66,12 @@ export class Session implements ServerOwner {
   heldReady: Uint8Array | undefined;
   heldReadyAt = 0;
   heldClient: Uint8Array[] = [];
+  heldBytes = 0;
 
   /** Whether the client leg is encrypted. */
   tls = false;
+  /** The server this session went to (cancels follow it, whatever a reload changes). */
+  private upstream: { host: string; port: number } | undefined;
   /** SSLRequest / GSSENCRequest seen (each is allowed once). */
   encryptionAsked = false;
   gssAsked = false;
@@ -79,7 +86,7 @@ export class Session implements ServerOwner {
   private guard: MessageScanner | undefined;
   private protectedNames: string[] = [];
   /** Transaction status and whether a query is in flight (transparent state). */
-  private tracker: ReadyTracker | undefined;
+  private tracker: QueryTracker | undefined;
   private lastClientActivity = performance.now();
   /** Shutting down: end the session as soon as it is idle. */
   private draining = false;
@@ -108,6 +115,11 @@ export class Session implements ServerOwner {
       () => this.server?.pause(),
       () => (this.closing ? this.transport.end() : this.server?.resume()),
     );
+  }
+
+  /** Stop reading the client (it sent more than we hold before the context is set). */
+  pauseClient(): void {
+    this.transport.pause();
   }
 
   /** Events from the raw socket only count until TLS takes it over. */
@@ -158,7 +170,7 @@ export class Session implements ServerOwner {
     this.bytesIn += bytes.length;
     if (!this.clientFrames) return this.dispatch("client:data", bytes);
     // A TLS ClientHello (record type 22) first: PostgreSQL 17's direct TLS.
-    if (first && bytes[0] === 0x16 && this.state === "startup") return this.dispatch("client:tls_hello", bytes);
+    if (first && bytes[0] === 0x16 && this.state === "startup" && !this.tls) return this.dispatch("client:tls_hello", bytes);
     this.clientFrames.push(bytes);
     this.pumpClient();
   }
@@ -265,10 +277,9 @@ export class Session implements ServerOwner {
   /** Client bytes in the transparent state: through the guard, if on. */
   clientToServer(bytes: Uint8Array): void {
     this.lastClientActivity = performance.now();
-    // Anything but a lone Terminate expects an answer: a query is in flight.
-    if (this.tracker && !(bytes.length === 5 && bytes[0] === 0x58)) this.tracker.busy = true;
-    if (!this.guard) return this.toServer(bytes);
     try {
+      this.tracker?.fromClient(bytes);
+      if (!this.guard) return this.toServer(bytes);
       this.guard.scan(bytes, this.toServer, this.inspect);
     } catch (e) {
       if (!(e instanceof FramingError)) throw e;
@@ -279,7 +290,7 @@ export class Session implements ServerOwner {
   /** Server bytes in the transparent state. */
   serverToClient(bytes: Uint8Array): void {
     try {
-      this.tracker?.observe(bytes);
+      this.tracker?.fromServer(bytes);
     } catch (e) {
       if (!(e instanceof FramingError)) throw e;
       this.state = this.fail({ severity: "FATAL", code: "08P01", message: `invalid message from the upstream server: ${e.message}` });
@@ -291,7 +302,7 @@ export class Session implements ServerOwner {
 
   /** No transaction open and no query in flight. */
   get idle(): boolean {
-    return this.state === "transparent" && !!this.tracker && !this.tracker.busy && this.tracker.status === 0x49; // 'I'
+    return this.state === "transparent" && !!this.tracker?.idle;
   }
 
   /** The proxy is shutting down: go now if idle, else after the transaction. */
@@ -347,6 +358,7 @@ export class Session implements ServerOwner {
         data: (bytes) => this.clientData(bytes),
         drain: () => this.clientDrained(),
         close: () => this.clientClosed(),
+        error: (e) => this.log.warn(`client TLS error: ${e.message}`),
         secure: (alpn) => {
           // Direct TLS without ALPN "postgresql" could be some other protocol's
           // client talking to the wrong port; Postgres refuses it too.
@@ -377,6 +389,7 @@ export class Session implements ServerOwner {
 
   connectUpstream(): void {
     const c = this.config;
+    this.upstream = c.upstream;
     this.server = ServerConnection.connect(
       {
         host: c.upstream.host,
@@ -408,7 +421,7 @@ export class Session implements ServerOwner {
   cancel(): void {
     if (!this.serverKey) return;
     this.log.info("forwarding cancel request");
-    this.ctx.sendCancel(this.serverKey.processId, this.serverKey.secretKey);
+    if (this.upstream) this.ctx.sendCancel(this.upstream, this.serverKey.processId, this.serverKey.secretKey);
   }
 
   goTransparent(): State {
@@ -423,8 +436,7 @@ export class Session implements ServerOwner {
       event: "ready",
       tls: this.tls,
     });
-    this.tracker = new ReadyTracker();
-    this.tracker.status = 0x49; // the ReadyForQuery just relayed said idle
+    this.tracker = new QueryTracker();
     this.lastClientActivity = performance.now();
     if (this.identity?.kind === "tenant" && this.config.guard) {
       this.guard = new MessageScanner(guardWatches, MAX_CLIENT_MESSAGE);
@@ -432,7 +444,9 @@ export class Session implements ServerOwner {
     }
     for (const bytes of this.heldClient) this.clientToServer(bytes);
     this.heldClient = [];
-    return "transparent";
+    this.heldBytes = 0;
+    this.transport.resume();
+    return this.closing ? "closed" : "transparent";
   }
 
   /** Send an ErrorResponse, then close. */
@@ -453,8 +467,10 @@ export class Session implements ServerOwner {
     this.server?.end();
     this.server = undefined;
     this.clientFrames = this.serverFrames = undefined;
-    // What is still queued for the client goes out first (Outbox calls end on clear).
+    // What is still queued for the client goes out first (Outbox calls end
+    // on clear), but a client that stopped reading does not keep its socket.
     if (this.out.backlog === 0) this.transport.end();
+    else setTimeout(() => this.socket.terminate(), CLOSE_DEADLINE_MS).unref();
     this.log.info("connection closed", {
       event: "close",
       durationMs: Math.round(performance.now() - this.openedAt),

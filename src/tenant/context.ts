@@ -16,8 +16,17 @@
 import { createHash, createHmac } from "node:crypto";
 import { extendedQuery } from "../protocol/messages.ts";
 
+/**
+ * The last column answers: could this session escape row-level security?
+ * True when the login role or the assumed role is a superuser, has
+ * BYPASSRLS, or is a member of a role that is (a member may SET ROLE to
+ * it). The proxy then refuses the session: a tenant context on such a role
+ * would be a promise the database does not keep.
+ */
 const CONTEXT_SQL =
-  "SELECT pg_catalog.set_config($1, $2, false), pg_catalog.set_config($3, $4, false), pg_catalog.set_config('role', $5, false)";
+  "SELECT pg_catalog.set_config($1, $2, false), pg_catalog.set_config($3, $4, false), pg_catalog.set_config('role', $5, false)," +
+  " EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE (r.rolsuper OR r.rolbypassrls)" +
+  " AND (pg_catalog.pg_has_role(session_user, r.oid, 'MEMBER') OR pg_catalog.pg_has_role($5::name, r.oid, 'MEMBER')))";
 
 /** Where the signature lives: next to the tenant setting. */
 export const signatureSetting = (tenantSetting: string) => `${tenantSetting}_sig`;

@@ -22,11 +22,11 @@ export function resolveIdentity(user: string | undefined, rules: IdentityRules):
   // The tenant follows the *last* separator, so roles may contain it.
   const cut = user.lastIndexOf(rules.separator);
   if (cut < 0) {
-    return { kind: "rejected", message: `user name "${user}" carries no tenant`, hint };
+    return { kind: "rejected", message: `user name "${printable(user)}" carries no tenant`, hint };
   }
   const role = user.slice(0, cut);
   const tenant = user.slice(cut + rules.separator.length);
-  if (role === "") return { kind: "rejected", message: `user name "${user}" has no role before the tenant`, hint };
+  if (role === "") return { kind: "rejected", message: `user name "${printable(user)}" has no role before the tenant`, hint };
   if (!rules.tenantPattern.test(tenant)) {
     return {
       kind: "rejected",
@@ -72,20 +72,29 @@ export function optionSettings(options: string): string[] {
   }
   if (word) words.push(word);
 
+  // Read the way the server's getopt does ("B:bC:c:D:d:EeFf:h:ijk:lN:nOPp:r:S:sTt:v:W:-:"):
+  // flags group ("-ec role=x" is -e then -c), and a flag that takes an
+  // argument takes the rest of its word or else the next word.
   const names: string[] = [];
   for (let i = 0; i < words.length; i++) {
     const w = words[i]!;
-    let assignment: string | undefined;
-    if (w === "-c") assignment = words[++i];
-    else if (w.startsWith("--")) assignment = w.slice(2);
-    else if (w.startsWith("-c")) assignment = w.slice(2);
-    if (assignment) names.push(assignment.split("=")[0]!);
+    if (!w.startsWith("-")) continue;
+    for (let j = 1; j < w.length; j++) {
+      const flag = w[j]!;
+      if (!OPTION_FLAGS_WITH_ARGUMENT.includes(flag)) continue;
+      const argument = j + 1 < w.length ? w.slice(j + 1) : words[++i];
+      if ((flag === "c" || flag === "-") && argument) names.push(argument.split("=")[0]!);
+      break;
+    }
   }
   return names;
 }
 
-/** Never echo control characters or unbounded input into an error message. */
-function printable(s: string): string {
+/** Postgres command-line switches that take an argument (its getopt string). */
+const OPTION_FLAGS_WITH_ARGUMENT = "BCcDdfhkNprStvW-";
+
+/** Never echo control characters or unbounded input into an error message or log. */
+export function printable(s: string): string {
   const clipped = s.length > 80 ? `${s.slice(0, 80)}…` : s;
   return clipped.replace(/[\u0000-\u001f\u007f]/g, "?");
 }
