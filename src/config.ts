@@ -115,7 +115,7 @@ export const OPTIONS: readonly Option[] = [
   { key: "upstreamCa", flag: "upstream-ca", file: "upstream_ca", env: "MULTIGRES_UPSTREAM_CA", description: "PEM CA bundle to verify PostgreSQL's certificate (verify-ca, verify-full)" },
   { key: "upstreamServerName", flag: "upstream-server-name", file: "upstream_server_name", env: "MULTIGRES_UPSTREAM_SERVER_NAME", description: "Host name to verify (verify-full) and send as SNI; default: the --upstream host" },
   { key: "http", flag: "http", file: "http", env: "MULTIGRES_HTTP", default: "127.0.0.1:9187", description: "HTTP listener for /healthz and /readyz (HOST:PORT; port 0 picks one)" },
-  { key: "connectTimeout", flag: "connect-timeout", file: "connect_timeout", env: "MULTIGRES_CONNECT_TIMEOUT", default: "5000", description: "Milliseconds to connect to PostgreSQL before answering 08006" },
+  { key: "connectTimeout", flag: "connect-timeout", file: "connect_timeout", env: "MULTIGRES_CONNECT_TIMEOUT", default: "15000", description: "Milliseconds to connect to PostgreSQL before answering 08006" },
   { key: "idleTimeout", flag: "idle-timeout", file: "idle_timeout", env: "MULTIGRES_IDLE_TIMEOUT", default: "0", description: "Close client connections idle this many milliseconds (0 = never)" },
   { key: "keepalive", flag: "keepalive", file: "keepalive", env: "MULTIGRES_KEEPALIVE", default: "60000", description: "TCP keepalive idle time in milliseconds on both legs (0 = off)" },
   { key: "shutdownTimeout", flag: "shutdown-timeout", file: "shutdown_timeout", env: "MULTIGRES_SHUTDOWN_TIMEOUT", default: "30000", description: "On SIGTERM/SIGINT, milliseconds to let transactions finish before 57P01" },

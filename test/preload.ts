@@ -1,10 +1,9 @@
 /**
  * Loaded before every test file (bunfig.toml [test] preload).
  *
- * - Default per-test timeout: bunfig.toml has no working timeout key, so it is
- *   set here. Integration tests boot PostgreSQL, build and spawn the proxy and
- *   run psql/pgbench, which can exceed bun's 5 s default on a slow CI machine.
- *   Individual tests may still pass their own timeout.
+ * - Default per-test timeout: bunfig.toml has no working timeout key, and
+ *   bun applies setDefaultTimeout only to the file that calls it, so this
+ *   covers the first file only: every integration file sets its own.
  * - Teardown: bun test emits no process "exit" event, so a preload-level
  *   afterAll stops the shared PostgreSQL and kills any proxy a test left
  *   running (it runs once at the end of a serial run, after each file with
