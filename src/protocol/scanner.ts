@@ -110,7 +110,9 @@ export class MessageScanner {
         return;
       }
     }
-    if (pos > start) out(chunk.subarray(start, pos));
+    // The common case, the whole chunk untouched, goes out as it came.
+    if (start === 0 && pos === n) out(chunk);
+    else if (pos > start) out(chunk.subarray(start, pos));
   }
 
   private length(b: Uint8Array, at: number): number {
