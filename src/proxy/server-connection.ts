@@ -105,6 +105,9 @@ export class ServerConnection {
       }
       pending.removeAllListeners();
       pending.on("error", () => {}); // the wrapper is abandoned; nothing it says matters
+      // Let go of the wrapper (and its stream state): the native socket's
+      // back reference is all that would keep it alive.
+      for (const key of Object.getOwnPropertySymbols(native)) (native as unknown as Record<symbol, unknown>)[key] = undefined;
       native.reload({ socket: handlers });
       native.data = conn;
       conn.opened(native);
@@ -232,6 +235,7 @@ export class ServerConnection {
 
   private ready(socket: ServerSocket): void {
     clearTimeout(this.timer);
+    this.timer = undefined; // a cleared timer still costs memory while referenced
     this.outbox = new Outbox(
       socket,
       () => this.owner?.serverBacklog(),
