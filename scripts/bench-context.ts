@@ -37,13 +37,13 @@ try {
 
   // Set the context exactly as the proxy does, on a direct connection.
   const sql = postgres(pg.url({ user: APP_USER, password: PASSWORDS[APP_USER] }), { max: 1, ssl: false });
-  const [{ pid }] = await sql`select pg_backend_pid() as pid`;
+  const [{ pid }] = (await sql`select pg_backend_pid() as pid`) as unknown as [{ pid: number }];
   const sig = signContext(deriveContextKey(CONTEXT_SECRET), "t3", pid);
   await sql`select set_config('app.current_tenant_id', 't3', false), set_config('app.current_tenant_id_sig', ${sig}, false)`;
 
   const time = async (table: string) => {
     const started = performance.now();
-    const [{ count }] = await sql.unsafe(`select count(*) from ${table}`);
+    const [{ count }] = (await sql.unsafe(`select count(*) from ${table}`)) as unknown as [{ count: string }];
     const ms = performance.now() - started;
     if (Number(count) !== rows / 10) throw new Error(`${table}: expected ${rows / 10} rows, saw ${count}`);
     return ms;
