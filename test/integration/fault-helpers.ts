@@ -4,6 +4,7 @@
  * harness's shared one, a raw wire-protocol client, broken upstreams, and
  * bounded polling.
  */
+import { RawSocket } from "../harness/raw-socket.ts";
 import { chownSync, existsSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from "node:fs";
 import { createConnection, createServer, type Server, type Socket } from "node:net";
 import { tmpdir } from "node:os";
@@ -336,61 +337,19 @@ function describe(b: Buffer): string {
  * trust user, run simple queries and COPY, and vanish when told to.
  * allowHalfOpen: after our FIN we still read what the peer sends.
  */
-export class RawPg {
+export class RawPg extends RawSocket {
   private chunks: Buffer[] = [];
   private buffered = 0;
   private received = Buffer.alloc(0);
   private cursor = 0;
-  peerClosed = false;
-  closed = false;
-  error: Error | undefined;
-  private readonly waiters = new Set<() => void>();
 
-  private constructor(
-    readonly socket: Socket,
-    readonly label: string,
-  ) {
-    socket.on("data", (d: Buffer) => {
-      this.chunks.push(d);
-      this.buffered += d.length;
-      this.wake();
-    });
-    socket.on("end", () => {
-      this.peerClosed = true;
-      this.wake();
-    });
-    socket.on("error", (e) => {
-      this.error = e;
-      this.wake();
-    });
-    socket.on("close", () => {
-      this.peerClosed = true;
-      this.closed = true;
-      this.wake();
-    });
+  static async open(port: number, label = "raw", timeoutMs = 15_000): Promise<RawPg> {
+    return new RawPg(await RawSocket.connectSocket("127.0.0.1", port, label, timeoutMs), label, 15_000);
   }
 
-  static open(port: number, label = "raw", timeoutMs = 15_000): Promise<RawPg> {
-    return new Promise((resolve, reject) => {
-      const socket = createConnection({ host: "127.0.0.1", port, allowHalfOpen: true });
-      const timer = setTimeout(() => {
-        socket.destroy();
-        reject(new Error(`${label}: could not connect to 127.0.0.1:${port} within ${timeoutMs} ms`));
-      }, timeoutMs);
-      socket.once("connect", () => {
-        clearTimeout(timer);
-        socket.setNoDelay(true);
-        resolve(new RawPg(socket, label));
-      });
-      socket.once("error", (e) => {
-        clearTimeout(timer);
-        reject(new Error(`${label}: connect to 127.0.0.1:${port} failed: ${e.message}`));
-      });
-    });
-  }
-
-  private wake(): void {
-    for (const w of [...this.waiters]) w();
+  protected onBytes(d: Buffer): void {
+    this.chunks.push(d);
+    this.buffered += d.length;
   }
 
   private all(): Buffer {
@@ -408,23 +367,6 @@ export class RawPg {
     return this.received.length - this.cursor + this.buffered;
   }
 
-  send(bytes: Uint8Array): Promise<void> {
-    return new Promise((resolve, reject) => {
-      if (this.socket.destroyed) return reject(new Error(`${this.label}: socket already closed`));
-      this.socket.write(bytes, (e) => (e ? reject(new Error(`${this.label}: write failed: ${e.message}`)) : resolve()));
-    });
-  }
-
-  /** Our FIN; keep reading. */
-  end(): void {
-    this.socket.end();
-  }
-
-  /** Vanish: close the socket now without a Terminate message. */
-  destroy(): void {
-    this.socket.destroy();
-  }
-
   /** Vanish with a TCP RST (SO_LINGER 0) where the runtime supports it. */
   reset(): void {
     const s = this.socket as Socket & { resetAndDestroy?: () => void };
@@ -434,31 +376,6 @@ export class RawPg {
 
   state(): string {
     return `${this.label}: unread ${describe(this.all().subarray(this.cursor))}; peer closed: ${this.peerClosed}; error: ${this.error?.message ?? "none"}`;
-  }
-
-  waitFor(cond: () => boolean, what: string, timeoutMs = 15_000): Promise<void> {
-    return new Promise((resolve, reject) => {
-      const check = () => {
-        if (cond()) {
-          done();
-          resolve();
-        }
-      };
-      const timer = setTimeout(() => {
-        done();
-        reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what}; ${this.state()}`));
-      }, timeoutMs);
-      const done = () => {
-        clearTimeout(timer);
-        this.waiters.delete(check);
-      };
-      this.waiters.add(check);
-      check();
-    });
-  }
-
-  waitClosed(what = "the connection to close", timeoutMs = 15_000): Promise<void> {
-    return this.waitFor(() => this.peerClosed, what, timeoutMs);
   }
 
   private complete(): boolean {

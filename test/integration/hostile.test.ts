@@ -61,6 +61,7 @@ import {
   type ProxyHandle,
   type Tap,
 } from "../harness/index.ts";
+import { RawSocket } from "../harness/raw-socket.ts";
 
 // Per file: bun applies setDefaultTimeout only to the file that calls it.
 setDefaultTimeout(120_000);
@@ -139,107 +140,20 @@ function describeBytes(b: Buffer): string {
  * A raw TCP client that records everything it receives and whether the
  * proxy closed. allowHalfOpen: after our FIN (end()) we still read.
  */
-class RawClient {
+class RawClient extends RawSocket {
   received = Buffer.alloc(0);
-  /** The proxy sent FIN (or the connection was reset / closed). */
-  peerClosed = false;
-  closed = false;
-  error: Error | undefined;
   private cursor = 0;
-  private readonly waiters = new Set<() => void>();
 
-  private constructor(
-    readonly socket: Socket,
-    readonly label: string,
-  ) {
-    socket.on("data", (d: Buffer) => {
-      this.received = Buffer.concat([this.received, d]);
-      this.wake();
-    });
-    socket.on("end", () => {
-      this.peerClosed = true;
-      this.wake();
-    });
-    socket.on("error", (e) => {
-      this.error = e;
-      this.wake();
-    });
-    socket.on("close", () => {
-      this.peerClosed = true;
-      this.closed = true;
-      this.wake();
-    });
+  static async open(port: number, label = "client", host = "127.0.0.1", timeoutMs = 10_000): Promise<RawClient> {
+    return new RawClient(await RawSocket.connectSocket(host, port, label, timeoutMs), label, 10_000);
   }
 
-  static open(port: number, label = "client", host = "127.0.0.1", timeoutMs = 10_000): Promise<RawClient> {
-    return new Promise((resolve, reject) => {
-      const socket = createConnection({ host, port, allowHalfOpen: true });
-      const timer = setTimeout(() => {
-        socket.destroy();
-        reject(new Error(`${label}: could not connect to ${host}:${port} within ${timeoutMs} ms`));
-      }, timeoutMs);
-      socket.once("connect", () => {
-        clearTimeout(timer);
-        socket.setNoDelay(true);
-        resolve(new RawClient(socket, label));
-      });
-      socket.once("error", (e) => {
-        clearTimeout(timer);
-        reject(new Error(`${label}: connect to ${host}:${port} failed: ${e.message}`));
-      });
-    });
-  }
-
-  private wake(): void {
-    for (const w of [...this.waiters]) w();
-  }
-
-  /** Write and wait until the bytes are handed to the kernel. */
-  send(bytes: Uint8Array): Promise<void> {
-    return new Promise((resolve, reject) => {
-      if (this.socket.destroyed) return reject(new Error(`${this.label}: socket already closed, cannot send ${hex(bytes, 16)}`));
-      this.socket.write(bytes, (e) => (e ? reject(new Error(`${this.label}: write failed: ${e.message}`)) : resolve()));
-    });
-  }
-
-  /** Half-close: send our FIN, keep reading. */
-  end(): void {
-    this.socket.end();
-  }
-
-  destroy(): void {
-    this.socket.destroy();
+  protected onBytes(d: Buffer): void {
+    this.received = Buffer.concat([this.received, d]);
   }
 
   state(): string {
     return `${this.label}: received ${describeBytes(this.received)}; peer closed: ${this.peerClosed}; error: ${this.error?.message ?? "none"}`;
-  }
-
-  /** Resolve once cond() holds; reject after timeoutMs with what was received. */
-  waitFor(cond: () => boolean, what: string, timeoutMs = 10_000): Promise<void> {
-    return new Promise((resolve, reject) => {
-      const check = () => {
-        if (cond()) {
-          done();
-          resolve();
-        }
-      };
-      const timer = setTimeout(() => {
-        done();
-        reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what}; ${this.state()}`));
-      }, timeoutMs);
-      const done = () => {
-        clearTimeout(timer);
-        this.waiters.delete(check);
-      };
-      this.waiters.add(check);
-      check();
-    });
-  }
-
-  /** Wait for the proxy to close the connection (FIN or reset). */
-  waitClosed(what = "the proxy to close the connection", timeoutMs = 10_000): Promise<void> {
-    return this.waitFor(() => this.peerClosed, what, timeoutMs);
   }
 
   /** The next single byte (the answer to SSLRequest / GSSENCRequest). */
