@@ -3,7 +3,7 @@
  * running things as the `postgres` OS user, /proc reading, statistics.
  */
 import { existsSync, readdirSync, readFileSync } from "node:fs";
-import { createServer, Socket } from "node:net";
+import { Socket } from "node:net";
 import { join } from "node:path";
 
 export const isRoot = typeof process.getuid === "function" && process.getuid() === 0;
@@ -203,19 +203,7 @@ export function rssBytes(pid: number): number {
 // ---------------------------------------------------------------------------
 // network
 
-/** A currently free loopback port. */
-export function freePort(host = "127.0.0.1"): Promise<number> {
-  return new Promise((res, rej) => {
-    const srv = createServer();
-    srv.unref();
-    srv.once("error", rej);
-    srv.listen(0, host, () => {
-      const addr = srv.address();
-      const port = typeof addr === "object" && addr ? addr.port : 0;
-      srv.close(() => (port ? res(port) : rej(new Error("could not get a free port"))));
-    });
-  });
-}
+export { freePort } from "../../test/harness/postgres.ts";
 
 /** One TCP connect attempt; resolves true when the connection was accepted (then closes it). */
 export function tryConnect(port: number, host = "127.0.0.1", timeoutMs = 1000): Promise<boolean> {

@@ -6,6 +6,27 @@
  */
 import { createConnection, type Socket } from "node:net";
 
+/** One backend message as raw clients read it. */
+export interface Message {
+  type: string;
+  body: Buffer;
+}
+
+const decoder = new TextDecoder();
+
+/** Field code → value of an ErrorResponse / NoticeResponse body. */
+export function errorFields(body: Buffer): Record<string, string> {
+  const out: Record<string, string> = {};
+  let at = 0;
+  while (at < body.length && body[at] !== 0) {
+    const nul = body.indexOf(0, at + 1);
+    if (nul < 0) break;
+    out[String.fromCharCode(body[at]!)] = decoder.decode(body.subarray(at + 1, nul));
+    at = nul + 1;
+  }
+  return out;
+}
+
 export abstract class RawSocket {
   /** The peer sent FIN (or the connection was reset / closed). */
   peerClosed = false;

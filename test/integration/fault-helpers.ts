@@ -4,7 +4,8 @@
  * harness's shared one, a raw wire-protocol client, broken upstreams, and
  * bounded polling.
  */
-import { RawSocket } from "../harness/raw-socket.ts";
+import { errorFields, RawSocket, type Message } from "../harness/raw-socket.ts";
+export { errorFields, type Message };
 import { chownSync, existsSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from "node:fs";
 import { createConnection, createServer, type Server, type Socket } from "node:net";
 import { tmpdir } from "node:os";
@@ -292,23 +293,7 @@ export const queryMessage = (sql: string) => typedMessage("Q", enc.encode(`${sql
 export const copyDataMessage = (data: string) => typedMessage("d", enc.encode(data));
 export const terminateMessage = () => typedMessage("X", new Uint8Array(0));
 
-export interface Message {
-  type: string;
-  body: Buffer;
-}
 
-/** Field code → value of an ErrorResponse / NoticeResponse body. */
-export function errorFields(body: Buffer): Record<string, string> {
-  const out: Record<string, string> = {};
-  let at = 0;
-  while (at < body.length && body[at] !== 0) {
-    const nul = body.indexOf(0, at + 1);
-    if (nul < 0) break;
-    out[String.fromCharCode(body[at]!)] = dec.decode(body.subarray(at + 1, nul));
-    at = nul + 1;
-  }
-  return out;
-}
 
 /** Text values of a DataRow body (null for SQL NULL). */
 export function dataRow(body: Buffer): (string | null)[] {

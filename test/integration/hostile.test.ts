@@ -61,7 +61,7 @@ import {
   type ProxyHandle,
   type Tap,
 } from "../harness/index.ts";
-import { RawSocket } from "../harness/raw-socket.ts";
+import { errorFields, RawSocket, type Message } from "../harness/raw-socket.ts";
 
 // Per file: bun applies setDefaultTimeout only to the file that calls it.
 setDefaultTimeout(120_000);
@@ -107,23 +107,7 @@ function typedMessage(type: string, body: Uint8Array): Buffer {
 const queryMessage = (sql: string) => typedMessage("Q", enc.encode(`${sql}\0`));
 const terminateMessage = () => typedMessage("X", new Uint8Array(0));
 
-interface Message {
-  type: string;
-  body: Buffer;
-}
 
-/** Field code → value of an ErrorResponse body. */
-function errorFields(body: Buffer): Record<string, string> {
-  const out: Record<string, string> = {};
-  let at = 0;
-  while (at < body.length && body[at] !== 0) {
-    const nul = body.indexOf(0, at + 1);
-    if (nul < 0) break;
-    out[String.fromCharCode(body[at]!)] = dec.decode(body.subarray(at + 1, nul));
-    at = nul + 1;
-  }
-  return out;
-}
 
 function hex(b: Uint8Array, max = 96): string {
   const h = Buffer.from(b.subarray(0, max)).toString("hex").replace(/(..)/g, "$1 ").trim();

@@ -14,6 +14,8 @@
  * - HTTP and log helpers: the health listener's port from the proxy log,
  *   JSON log lines, waiting for a log condition.
  */
+import { errorFields, type Message } from "../harness/raw-socket.ts";
+export { errorFields, type Message };
 import { chownSync, chmodSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import { tmpdir } from "node:os";
@@ -176,22 +178,7 @@ export async function disableUpstreamSsl(pg: PgInstance): Promise<void> {
 
 // ------------------------------------------------------------ raw protocol
 
-export interface Message {
-  type: string;
-  body: Buffer;
-}
 
-export function errorFields(body: Buffer): Record<string, string> {
-  const out: Record<string, string> = {};
-  let i = 0;
-  while (i < body.length && body[i] !== 0) {
-    const code = String.fromCharCode(body[i]!);
-    const end = body.indexOf(0, i + 1);
-    out[code] = body.subarray(i + 1, end).toString("utf8");
-    i = end + 1;
-  }
-  return out;
-}
 
 function describeMessages(ms: Message[]): string {
   return ms
