@@ -28,7 +28,7 @@ const SET_CONFIG_OID = 2078;
 
 export const guardWatches = (type: number) => type === QUERY || type === PARSE || type === FUNCTION_CALL;
 
-const decoder = new TextDecoder();
+const decoder = new TextDecoder("utf-8", { ignoreBOM: true }); // a leading U+FEFF is part of the SQL
 const encoder = new TextEncoder();
 
 /** Returns the replacement for a forbidden message, or undefined to pass it on. */

@@ -4,7 +4,9 @@
  */
 
 const encoder = new TextEncoder();
-const decoder = new TextDecoder();
+// ignoreBOM: a value that begins with U+FEFF keeps it (the default would drop
+// it, and a password or user name would silently change).
+const decoder = new TextDecoder("utf-8", { ignoreBOM: true });
 
 // Request codes of the untyped first packet (major 1234 marks a request).
 export const SSL_REQUEST = 80877103;

@@ -17,7 +17,8 @@ export type StartupPacket =
   | { kind: "startup"; major: number; minor: number; params: Map<string, string> }
   | { kind: "invalid"; reason: string };
 
-const decoder = new TextDecoder("utf-8", { fatal: true });
+// fatal: refuse what is not UTF-8; ignoreBOM: keep a leading U+FEFF as data.
+const decoder = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
 
 /** @param body the packet after its length word */
 export function parseStartupPacket(body: Uint8Array): StartupPacket {

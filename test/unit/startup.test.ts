@@ -273,3 +273,11 @@ describe("properties", () => {
     );
   });
 });
+
+describe("text decoding", () => {
+  test("a parameter value that begins with U+FEFF keeps it (found by the round-trip property)", () => {
+    const map = new Map([["user", "\uFEFFapp_user.acme"], ["application_name", "\uFEFF"]]);
+    const p = parseStartupPacket(bodyOf(startupMessage(map)));
+    expect(p).toEqual({ kind: "startup", major: 3, minor: 0, params: map });
+  });
+});
