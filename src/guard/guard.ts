@@ -31,10 +31,15 @@ export const guardWatches = (type: number) => type === QUERY || type === PARSE |
 const decoder = new TextDecoder("utf-8", { ignoreBOM: true }); // a leading U+FEFF is part of the SQL
 const encoder = new TextEncoder();
 
-/** Returns the replacement for a forbidden message, or undefined to pass it on. */
-export function guardMessage(type: number, message: Uint8Array, protectedNames: readonly string[]): Uint8Array | undefined {
-  const body = message.subarray(5);
-  if (type !== FUNCTION_CALL && (body.length > MAX_LEXED || !mayBeForbidden(body))) return undefined;
+/**
+ * Returns the replacement for a forbidden message, `bytes[start, end)`, or
+ * undefined to pass it on. Ordinary queries cost one pass of the byte
+ * filter and no allocation.
+ */
+export function guardMessage(type: number, bytes: Uint8Array, start: number, end: number, protectedNames: readonly string[]): Uint8Array | undefined {
+  const from = start + 5;
+  if (type !== FUNCTION_CALL && (end - from > MAX_LEXED || !mayBeForbidden(bytes, from, end))) return undefined;
+  const body = bytes.subarray(from, end);
   if (type === QUERY) {
     const verdict = checkSql(cstring(body, 0)[0], protectedNames);
     return verdict && frame(QUERY, [encoder.encode(refusal(verdict)), Uint8Array.of(0)]);
@@ -69,9 +74,9 @@ export function guardMessage(type: number, message: Uint8Array, protectedNames: 
  * or "discard", in any case, unless it hides a name in U&"…" escapes.
  * Most queries contain none of these and cost one pass over their bytes.
  */
-export function mayBeForbidden(b: Uint8Array): boolean {
-  const n = b.length;
-  for (let i = 0; i + 1 < n; i++) {
+export function mayBeForbidden(b: Uint8Array, from = 0, to = b.length): boolean {
+  const n = to;
+  for (let i = from; i + 1 < n; i++) {
     const c = b[i]! | 0x20;
     if (c === 0x73 /* s */) {
       if (i + 2 < n && (b[i + 1]! | 0x20) === 0x65 && (b[i + 2]! | 0x20) === 0x74) return true;

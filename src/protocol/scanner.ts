@@ -11,7 +11,12 @@
 import { concat } from "./messages.ts";
 import { FramingError } from "./framer.ts";
 
-export type Inspect = (type: number, message: Uint8Array) => Uint8Array | undefined;
+/**
+ * Sees a watched message, `bytes[start, end)`, and returns its replacement
+ * or undefined. Bounds rather than a view: most messages are let through,
+ * and a view per message would be an allocation per query.
+ */
+export type Inspect = (type: number, bytes: Uint8Array, start: number, end: number) => Uint8Array | undefined;
 
 export class MessageScanner {
   /** Bytes of the current pass-through message still to come. */
@@ -51,7 +56,7 @@ export class MessageScanner {
         if (this.piecesHave < this.piecesNeed) return;
         const message = concat(this.pieces);
         this.pieces = undefined;
-        out(inspect(message[0]!, message) ?? message);
+        out(inspect(message[0]!, message, 0, message.length) ?? message);
         continue;
       }
 
@@ -73,7 +78,7 @@ export class MessageScanner {
           out(header);
           this.skip = length - 4;
         } else if (length === 4) {
-          out(inspect(header[0]!, header) ?? header);
+          out(inspect(header[0]!, header, 0, 5) ?? header);
         } else {
           this.pieces = [header];
           this.piecesHave = 5;
@@ -94,7 +99,7 @@ export class MessageScanner {
       }
 
       if (pos + total <= n) {
-        const replacement = inspect(type, chunk.subarray(pos, pos + total));
+        const replacement = inspect(type, chunk, pos, pos + total);
         if (replacement) {
           if (pos > start) out(chunk.subarray(start, pos));
           out(replacement);

@@ -322,8 +322,8 @@ export class Session implements ServerOwner {
     this.state = this.fail({ severity: "FATAL", code: "57P05", message: `terminating connection after ${limit} ms idle (--idle-timeout)` });
   }
 
-  private inspect = (type: number, message: Uint8Array): Uint8Array | undefined => {
-    const replacement = guardMessage(type, message, this.protectedNames);
+  private inspect = (type: number, bytes: Uint8Array, start: number, end: number): Uint8Array | undefined => {
+    const replacement = guardMessage(type, bytes, start, end, this.protectedNames);
     if (replacement) this.log.warn("refused a statement that would change the role or the tenant context (42501)");
     return replacement;
   };

@@ -27,7 +27,10 @@ describe("MessageScanner", () => {
         let at = 0;
         for (let i = 0; at < stream.length; i++) {
           const k = cuts.length > 0 ? cuts[i % cuts.length]! : stream.length;
-          scanner.scan(stream.slice(at, at + k), (b) => out.push(...b), (t, m) => {
+          scanner.scan(stream.slice(at, at + k), (b) => out.push(...b), (t, bytes, start, end) => {
+            const m = bytes.subarray(start, end);
+            expect(m[0]).toBe(t);
+            expect(new DataView(m.buffer, m.byteOffset).getInt32(1)).toBe(m.length - 1);
             seen.push(String.fromCharCode(t));
             // Replace Query "x…" messages; let the rest through.
             return t === 0x51 && m[5] === 0x78 ? msg("Q", "replaced") : undefined;
