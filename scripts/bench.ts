@@ -14,6 +14,7 @@
  *   bun run bench --quick              smoke run (~2–3 min: 1 round × 3 s, 100 established clients)
  *   bun run bench --rounds 5 --duration 15
  *   bun run bench --only c16,c64 --no-memory --no-startup    iterate on one thing
+ *   bun run bench --only c16 --baseline 29db0f1 --floor      before/after in one run
  *
  * Flags: --rounds N (default 3), --duration S per pgbench run (default 8),
  * --scale N (pgbench -i -s, default 10), --quick, --only a,b (scenario id
@@ -21,7 +22,12 @@
  * (stored in the JSON, e.g. "after batching writes"), --out DIR
  * (default bench/results), --timeout-min N (hard stop, default 45),
  * --compare OLD.json (also print before → after against an earlier result;
- * standalone: bun scripts/bench/compare.ts OLD.json NEW.json).
+ * standalone: bun scripts/bench/compare.ts OLD.json NEW.json),
+ * --baseline REV[,REV…] (also build those commits and run each as target
+ * "multigres@REV" in the same interleaved rounds and memory test: before/after
+ * figures measured under the same machine conditions), --floor (also run
+ * scripts/bench/relay.ts, a bare Bun byte relay, as target "relay": what any
+ * proxy on Bun's sockets costs).
  * MULTIGRES_BIN=path skips `bun run build` and benchmarks that binary.
  *
  * Scenario details and the memory methodology are written into the JSON
@@ -64,8 +70,10 @@ import {
   pgbouncerBin,
   pgbouncerVersion,
   REPO_ROOT,
+  buildMultigresAt,
   startMultigres,
   startPgbouncer,
+  startRelay,
   type Running,
 } from "./bench/targets.ts";
 import { installTeardownHooks, libpqEnv, median, run, sleep, teardownAll } from "./bench/util.ts";
@@ -88,6 +96,8 @@ const { values: argv } = parseArgs({
     out: { type: "string" },
     "timeout-min": { type: "string" },
     compare: { type: "string" },
+    baseline: { type: "string" },
+    floor: { type: "boolean", default: false },
     help: { type: "boolean", short: "h", default: false },
   },
   strict: true,
@@ -126,6 +136,8 @@ const opts = {
   startup: !argv["no-startup"],
   outDir: argv.out ?? join(REPO_ROOT, "bench", "results"),
   timeoutMin: intOpt("timeout-min", argv["timeout-min"], 45, 1),
+  baselines: argv.baseline ? argv.baseline.split(",").map((s) => s.trim()).filter(Boolean) : [],
+  floor: argv.floor,
 };
 
 const t0 = performance.now();
@@ -276,15 +288,19 @@ async function main(): Promise<void> {
     log("PgBouncer not found — install it (Debian/Ubuntu: apt-get install pgbouncer) or set PGBOUNCER_BIN; continuing without it");
     notes.push("PgBouncer was not installed (apt-get install pgbouncer): no PgBouncer column in this run.");
   }
-  const targetNames = TARGETS.filter((t) => t !== "pgbouncer" || pgbBin);
+  const targetNames = [
+    ...TARGETS.filter((t) => t !== "pgbouncer" || pgbBin),
+    ...opts.baselines.map((rev) => `multigres@${rev}`),
+    ...(opts.floor ? ["relay"] : []),
+  ];
 
-  const runsPerRound = scenarios.length * targetNames.length;
   const estS = opts.rounds * targetNames.length * scenarios.reduce((a, s) => a + runDuration(s) + 0.5, 0) +
     targetNames.length * opts.warmupS + (opts.memory ? targetNames.length * (quick ? 20 : 75) : 0) + 30;
   log(`${scenarios.length} scenarios × ${targetNames.length} targets × ${opts.rounds} rounds × ${opts.durationS} s; estimated ${Math.round(estS / 60)} min`);
 
   const workDir = makeWorkDir();
   const bin = buildMultigres(workDir, log);
+  const baselineBins = opts.baselines.map((rev) => ({ name: `multigres@${rev}`, bin: buildMultigresAt(rev, workDir, log) }));
   const loadBefore = loadavg();
   if (loadBefore[0]! > cpus().length * 0.5) {
     const msg = `load average ${loadBefore.map((x) => x.toFixed(1)).join(" ")} on ${cpus().length} CPUs before the run: something else is busy, the figures will be noisy`;
@@ -324,12 +340,27 @@ async function main(): Promise<void> {
     log(`pgbouncer on 127.0.0.1:${pgb.port} (pid ${pgb.pid})`);
   }
 
-  const endpoints: Record<TargetName, Endpoint | undefined> = {
-    direct: { name: "direct", port: pg.port, user: APP_USER, injectsContext: false },
-    multigres: { name: "multigres", port: mg.port, user: `${APP_USER}.${BENCH_TENANT}`, injectsContext: true },
-    pgbouncer: pgb ? { name: "pgbouncer", port: pgb.port, user: APP_USER, injectsContext: false } : undefined,
-  };
-  const active = targetNames.map((t) => endpoints[t]!);
+  const extras: Running[] = [];
+  for (const b of baselineBins) {
+    extras.push(await startMultigres({ bin: b.bin, name: b.name, upstreamPort: pg.port, workDir, tag: "throughput", env: mgEnv }));
+    log(`${b.name} on 127.0.0.1:${extras.at(-1)!.port}`);
+  }
+  if (opts.floor) {
+    extras.push(await startRelay({ upstreamPort: pg.port, workDir, tag: "throughput" }));
+    log(`relay (bare Bun floor) on 127.0.0.1:${extras.at(-1)!.port}`);
+  }
+
+  const active: Endpoint[] = [
+    { name: "direct", port: pg.port, user: APP_USER, injectsContext: false },
+    { name: "multigres", port: mg.port, user: `${APP_USER}.${BENCH_TENANT}`, injectsContext: true },
+    ...(pgb ? [{ name: "pgbouncer", port: pgb.port, user: APP_USER, injectsContext: false }] : []),
+    // The relay passes bytes through as they are: its clients log in like direct ones.
+    ...extras.map((x) =>
+      x.name === "relay"
+        ? { name: x.name, port: x.port, user: APP_USER, injectsContext: false }
+        : { name: x.name, port: x.port, user: `${APP_USER}.${BENCH_TENANT}`, injectsContext: true },
+    ),
+  ];
 
   log("sanity checks (tenant context visible through every target)");
   for (const ep of active) await sanityCheck(ep, signed);
@@ -407,7 +438,7 @@ async function main(): Promise<void> {
 
   for (const [i, s] of scenarios.entries()) {
     const r = results[i]!;
-    for (const t of targetNames) {
+    for (const t of active.map((ep) => ep.name)) {
       const runs = (r.runs[t] ?? []).filter((x) => !x.error);
       r.medianTps[t] = median(runs.map((x) => x.tps));
       if (s.latency) {
@@ -425,6 +456,7 @@ async function main(): Promise<void> {
 
   mg.stop();
   pgb?.stop();
+  for (const x of extras) x.stop();
 
   // ---- startup time
   const startup: StartupResult[] = [];
@@ -501,6 +533,20 @@ async function main(): Promise<void> {
         start: (kind) => startMultigres({ bin, upstreamPort: pg.port, workDir, tag: `mem-${kind}`, args: ["--startup-timeout", "0"], env: mgEnv }),
       }),
     );
+    for (const b of baselineBins) {
+      log(`memory: ${b.name}`);
+      await attempt(b.name, () =>
+        memoryProfile(b.name, {
+          ...plan,
+          user: `${APP_USER}.${BENCH_TENANT}`,
+          start: (kind) => startMultigres({ bin: b.bin, name: b.name, upstreamPort: pg.port, workDir, tag: `mem-${kind}`, args: ["--startup-timeout", "0"], env: mgEnv }),
+        }),
+      );
+    }
+    if (opts.floor) {
+      log("memory: relay");
+      await attempt("relay", () => memoryProfile("relay", { ...plan, user: APP_USER, start: (kind) => startRelay({ upstreamPort: pg.port, workDir, tag: `mem-${kind}` }) }));
+    }
     if (pgbBin) {
       log("memory: pgbouncer");
       await attempt("pgbouncer", () =>
@@ -562,7 +608,7 @@ async function main(): Promise<void> {
     `Load average before the run ${loadBefore.map((x) => x.toFixed(2)).join(" ")}, after ${loadAfter.map((x) => x.toFixed(2)).join(" ")} (${cpus().length} CPUs).`,
     "All clients use PGSSLMODE=disable and SCRAM-SHA-256 (pg_hba: scram for every TCP user; PgBouncer: auth_type scram-sha-256 with a plain-text userlist, SCRAM to the server too).",
     `Targets: direct = PostgreSQL as ${APP_USER}; multigres = compiled binary, user ${APP_USER}.${BENCH_TENANT} (tenant context injected on every connection, also for -S; pgbench tables have no RLS so the work is identical); pgbouncer = session mode, default_pool_size 64.`,
-    "Each round runs every scenario against direct, multigres, pgbouncer in that order; the same PostgreSQL, pgbench (-j ≤ 2) and proxy share the 2 CPUs, so a proxy's CPU use is taken from Postgres and pgbench.",
+    `Each round runs every scenario against ${targetNames.join(", ")} in that order; the same PostgreSQL, pgbench (-j ≤ 2) and proxy share the 2 CPUs, so a proxy's CPU use is taken from Postgres and pgbench.`,
     "Server: fsync, synchronous_commit and full_page_writes off, autovacuum off, shared_buffers 512MB (the pgbench data fits).",
   );
   for (const s of scenarios) notes.push(`${s.id}: ${s.description}.`);
@@ -593,7 +639,9 @@ async function main(): Promise<void> {
       memPreStartup: opts.memPreStartup,
       pgMaxConnections: Math.max(200, maxEstablished + 100),
       signedContexts: signed,
-      multigresArgs: "start --listen 127.0.0.1:PORT --upstream 127.0.0.1:PGPORT --log-level warn (defaults otherwise: guard on, session per client); memory instances add --startup-timeout 0",
+      multigresArgs: "start --listen 127.0.0.1:PORT --upstream 127.0.0.1:PGPORT --http 127.0.0.1:0 --log-level warn (defaults otherwise: guard on, session per client); memory instances add --startup-timeout 0",
+      baselines: opts.baselines,
+      floor: opts.floor,
       tenantScriptProxied: scripts.proxied,
       tenantScriptManual: scripts.manual,
     },

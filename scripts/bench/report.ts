@@ -3,8 +3,18 @@
  */
 import type { MemoryProfile } from "./memory.ts";
 
-export type TargetName = "direct" | "multigres" | "pgbouncer";
+/**
+ * direct, multigres and pgbouncer are always there (PgBouncer when
+ * installed); `--baseline REV` adds "multigres@REV" and `--floor` "relay".
+ */
+export type TargetName = string;
 export const TARGETS: readonly TargetName[] = ["direct", "multigres", "pgbouncer"];
+
+/** Core targets first, then the extras in the order they were run. */
+export function targetsOf(s: ScenarioResult): TargetName[] {
+  const present = Object.keys(s.medianTps);
+  return [...TARGETS.filter((t) => present.includes(t)), ...present.filter((t) => !TARGETS.includes(t))];
+}
 
 export interface RunRecord {
   round: number;
@@ -29,12 +39,12 @@ export interface ScenarioResult {
   connectPerTx: boolean;
   /** pgbench -T of each run (64 clients get a connection allowance). */
   durationS: number;
-  users: Partial<Record<TargetName, string>>;
-  runs: Partial<Record<TargetName, RunRecord[]>>;
-  medianTps: Partial<Record<TargetName, number>>;
+  users: Record<TargetName, string>;
+  runs: Record<TargetName, RunRecord[]>;
+  medianTps: Record<TargetName, number>;
   ratios: { multigresVsDirect?: number; multigresVsPgbouncer?: number; pgbouncerVsDirect?: number };
   /** Medians over rounds of each round's p50/p99 (µs), when latency was logged. */
-  latency?: Partial<Record<TargetName, { p50Us: number; p99Us: number }>>;
+  latency?: Record<TargetName, { p50Us: number; p99Us: number }>;
 }
 
 export interface StartupResult {
@@ -104,6 +114,23 @@ export function markdown(r: BenchResult): string {
   }
   out.push("");
 
+  const extras = [...new Set(r.scenarios.flatMap((s) => targetsOf(s).filter((t) => !TARGETS.includes(t))))];
+  if (extras.length > 0) {
+    out.push("**Other targets in the same rounds** (tps; ratios to multigres and to pgbouncer)");
+    out.push("");
+    out.push(`| scenario | ${extras.map((t) => `${t} | ÷ multigres${hasPgb ? " | ÷ pgbouncer" : ""}`).join(" | ")} |`);
+    out.push(`|---|${extras.map(() => (hasPgb ? "--:|--:|--:" : "--:|--:")).join("|")}|`);
+    for (const s of r.scenarios) {
+      const cells = extras.map((t) => {
+        const v = s.medianTps[t];
+        const vs = (other: number | undefined) => fmtRatio(v !== undefined && other !== undefined ? v / other : undefined);
+        return [fmtInt(v), vs(s.medianTps.multigres), ...(hasPgb ? [vs(s.medianTps.pgbouncer)] : [])].join(" | ");
+      });
+      out.push(`| ${s.title} | ${cells.join(" | ")} |`);
+    }
+    out.push("");
+  }
+
   const lat = r.scenarios.filter((s) => s.latency);
   if (lat.length > 0) {
     out.push("**Latency at 1 client** (µs per query from pgbench -l; median over rounds of each round's percentile)");
@@ -112,7 +139,7 @@ export function markdown(r: BenchResult): string {
     out.push("|---|---|--:|--:|--:|--:|");
     for (const s of lat) {
       const d = s.latency!.direct;
-      for (const t of TARGETS) {
+      for (const t of targetsOf(s)) {
         const l = s.latency![t];
         if (!l) continue;
         out.push(

@@ -1,9 +1,10 @@
 /**
  * The things pgbench talks to besides Postgres itself: the compiled
- * Multigres binary and PgBouncer (session mode, run as the postgres OS user
- * with its own ini in a temp dir).
+ * Multigres binary (also as built from earlier commits, for before/after
+ * figures in one run), PgBouncer (session mode, run as the postgres OS user
+ * with its own ini in a temp dir) and the bare Bun relay (relay.ts).
  */
-import { chownSync, existsSync, mkdirSync, openSync, closeSync, readFileSync, writeFileSync } from "node:fs";
+import { chownSync, closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import {
   asPostgres,
@@ -53,6 +54,26 @@ export function buildMultigres(workDir: string, log: (m: string) => void): strin
   return out;
 }
 
+/**
+ * The binary as it was at an earlier commit (`--baseline REV`): a detached
+ * git worktree in the benchmark's temp dir, sharing this checkout's
+ * node_modules, built with that commit's own build script.
+ */
+export function buildMultigresAt(rev: string, workDir: string, log: (m: string) => void): string {
+  const tree = join(workDir, `tree-${rev.replace(/[^\w.-]/g, "_")}`);
+  const out = join(workDir, `multigres-${rev.replace(/[^\w.-]/g, "_")}`);
+  log(`building multigres at ${rev} (git worktree in ${tree})`);
+  runSync(["git", "worktree", "add", "--detach", "--force", tree, rev], { cwd: REPO_ROOT, timeoutMs: 60_000 });
+  onTeardown(`worktree ${rev}`, () => {
+    Bun.spawnSync(["git", "worktree", "remove", "--force", tree], { cwd: REPO_ROOT, stdout: "ignore", stderr: "ignore" });
+    rmSync(tree, { recursive: true, force: true });
+  });
+  symlinkSync(join(REPO_ROOT, "node_modules"), join(tree, "node_modules"));
+  runSync([process.execPath, "run", "build", "--outfile", out], { cwd: tree, env: baseEnv({ NO_COLOR: "1" }), timeoutMs: 300_000 });
+  if (!existsSync(out)) throw new Error(`${out} missing after building ${rev}`);
+  return out;
+}
+
 function readTail(path: string): string {
   try {
     const s = readFileSync(path, "utf8");
@@ -64,6 +85,8 @@ function readTail(path: string): string {
 
 export interface MultigresOptions {
   bin: string;
+  /** Target name in results (default "multigres"; baselines are "multigres@REV"). */
+  name?: string;
   upstreamPort: number;
   workDir: string;
   /** Extra flags, e.g. ["--startup-timeout", "0"]. */
@@ -74,28 +97,44 @@ export interface MultigresOptions {
 }
 
 /** Spawn the binary on a port we chose; resolves once it accepts TCP connections. */
-export async function startMultigres(o: MultigresOptions): Promise<Running & { spawnToAcceptMs: number }> {
+export function startMultigres(o: MultigresOptions): Promise<Running & { spawnToAcceptMs: number }> {
+  return spawnListening(o.name ?? "multigres", o.tag, o.workDir, (port) => [
+    o.bin, "start", "--listen", `127.0.0.1:${port}`, "--upstream", `127.0.0.1:${o.upstreamPort}`,
+    // Several instances run side by side: none may take the default health port.
+    "--http", "127.0.0.1:0", "--log-level", "warn", ...(o.args ?? []),
+  ], o.env);
+}
+
+/** The bare Bun relay (relay.ts) in front of the upstream: the runtime's floor. */
+export function startRelay(o: { upstreamPort: number; workDir: string; tag: string }): Promise<Running> {
+  return spawnListening("relay", o.tag, o.workDir, (port) => [process.execPath, join(import.meta.dir, "relay.ts"), String(port), String(o.upstreamPort)]);
+}
+
+async function spawnListening(
+  name: string,
+  tag: string,
+  workDir: string,
+  command: (port: number) => string[],
+  env: Record<string, string> = {},
+): Promise<Running & { spawnToAcceptMs: number }> {
   const port = await freePort();
-  const logFile = join(o.workDir, `multigres-${o.tag}-${port}.log`);
+  const logFile = join(workDir, `${name}-${tag}-${port}.log`);
   const fd = openSync(logFile, "a");
   const t0 = performance.now();
-  const proc = Bun.spawn(
-    [o.bin, "start", "--listen", `127.0.0.1:${port}`, "--upstream", `127.0.0.1:${o.upstreamPort}`, "--log-level", "warn", ...(o.args ?? [])],
-    { cwd: o.workDir, env: baseEnv({ NO_COLOR: "1", ...(o.env ?? {}) }), stdin: "ignore", stdout: fd, stderr: fd },
-  );
+  const proc = Bun.spawn(command(port), { cwd: workDir, env: baseEnv({ NO_COLOR: "1", ...env }), stdin: "ignore", stdout: fd, stderr: fd });
   closeSync(fd);
   const stop = () => killPidSync(proc.pid, "SIGTERM", 5000);
-  const unregister = onTeardown(`multigres ${o.tag}`, stop);
+  const unregister = onTeardown(`${name} ${tag}`, stop);
   try {
-    await waitForPort(port, 20_000, () => proc.exitCode === null && proc.signalCode === null, `multigres (${o.tag})`);
+    await waitForPort(port, 20_000, () => proc.exitCode === null && proc.signalCode === null, `${name} (${tag})`);
   } catch (e) {
     unregister();
     stop();
-    throw new Error(`${(e as Error).message}\n--- multigres log ---\n${readTail(logFile)}`);
+    throw new Error(`${(e as Error).message}\n--- ${name} log ---\n${readTail(logFile)}`);
   }
   const spawnToAcceptMs = performance.now() - t0;
   return {
-    name: "multigres",
+    name,
     port,
     pid: proc.pid,
     logFile,
