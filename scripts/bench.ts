@@ -76,7 +76,7 @@ import {
   startRelay,
   type Running,
 } from "./bench/targets.ts";
-import { installTeardownHooks, libpqEnv, median, run, sleep, teardownAll } from "./bench/util.ts";
+import { cpuTicks, installTeardownHooks, libpqEnv, median, run, sleep, teardownAll, TICK_US, type CpuTicks } from "./bench/util.ts";
 
 // ---------------------------------------------------------------------------
 // options
@@ -223,6 +223,8 @@ if (scenarios.length === 0 && opts.only) {
 interface Endpoint {
   name: TargetName;
   port: number;
+  /** The proxy process, whose CPU is read around each run (none for direct). */
+  pid?: number;
   user: string;
   /** Multigres establishes the tenant context; the others set it by hand. */
   injectsContext: boolean;
@@ -352,13 +354,13 @@ async function main(): Promise<void> {
 
   const active: Endpoint[] = [
     { name: "direct", port: pg.port, user: APP_USER, injectsContext: false },
-    { name: "multigres", port: mg.port, user: `${APP_USER}.${BENCH_TENANT}`, injectsContext: true },
-    ...(pgb ? [{ name: "pgbouncer", port: pgb.port, user: APP_USER, injectsContext: false }] : []),
+    { name: "multigres", port: mg.port, pid: mg.pid, user: `${APP_USER}.${BENCH_TENANT}`, injectsContext: true },
+    ...(pgb ? [{ name: "pgbouncer", port: pgb.port, pid: pgb.pid, user: APP_USER, injectsContext: false }] : []),
     // The relay passes bytes through as they are: its clients log in like direct ones.
     ...extras.map((x) =>
       x.name === "relay"
-        ? { name: x.name, port: x.port, user: APP_USER, injectsContext: false }
-        : { name: x.name, port: x.port, user: `${APP_USER}.${BENCH_TENANT}`, injectsContext: true },
+        ? { name: x.name, port: x.port, pid: x.pid, user: APP_USER, injectsContext: false }
+        : { name: x.name, port: x.port, pid: x.pid, user: `${APP_USER}.${BENCH_TENANT}`, injectsContext: true },
     ),
   ];
 
@@ -414,7 +416,9 @@ async function main(): Promise<void> {
       for (const ep of active) {
         const logPrefix = s.latency ? join(workDir, `lat_${s.id}_${ep.name}_r${round}`) : undefined;
         let r;
+        let cpuBefore: CpuTicks | undefined;
         try {
+          cpuBefore = cpuTicks(ep.pid);
           r = await runPgbench(pgbenchArgs(ep, s, runDuration(s), logPrefix));
         } catch (e) {
           const msg = (e as Error).message;
@@ -424,7 +428,18 @@ async function main(): Promise<void> {
           line.push(`${ep.name} FAILED`);
           continue;
         }
-        const rec: RunRecord = { round, tps: r.tps, transactions: r.transactions, latencyAvgMs: r.latencyAvgMs, connTimeMs: r.connTimeMs };
+        const cpuAfter = cpuTicks(ep.pid);
+        const rec: RunRecord = {
+          round,
+          tps: r.tps,
+          transactions: r.transactions,
+          latencyAvgMs: r.latencyAvgMs,
+          connTimeMs: r.connTimeMs,
+          // pgbench -T includes connecting; that CPU is counted too (it is small except for -C).
+          machineCpuUs: ((cpuAfter.machine - cpuBefore!.machine) * TICK_US) / r.transactions,
+          proxyCpuUs: ep.pid === undefined ? undefined : ((cpuAfter.process - cpuBefore!.process) * TICK_US) / r.transactions,
+          switchesPerTx: (cpuAfter.switches - cpuBefore!.switches) / r.transactions,
+        };
         if (r.latenciesUs) {
           const l = latencySummary(r.latenciesUs);
           Object.assign(rec, { p50Us: l.p50Us, p99Us: l.p99Us, meanUs: l.meanUs, samples: l.n });
@@ -441,6 +456,13 @@ async function main(): Promise<void> {
     for (const t of active.map((ep) => ep.name)) {
       const runs = (r.runs[t] ?? []).filter((x) => !x.error);
       r.medianTps[t] = median(runs.map((x) => x.tps));
+      r.cpu ??= {};
+      const proxyCpu = runs.filter((x) => x.proxyCpuUs !== undefined).map((x) => x.proxyCpuUs!);
+      r.cpu[t] = {
+        machineUs: median(runs.map((x) => x.machineCpuUs!)),
+        proxyUs: proxyCpu.length > 0 ? median(proxyCpu) : undefined,
+        switchesPerTx: median(runs.map((x) => x.switchesPerTx!)),
+      };
       if (s.latency) {
         r.latency ??= {};
         r.latency[t] = { p50Us: median(runs.map((x) => x.p50Us!)), p99Us: median(runs.map((x) => x.p99Us!)) };

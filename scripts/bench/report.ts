@@ -26,6 +26,11 @@ export interface RunRecord {
   p99Us?: number;
   meanUs?: number;
   samples?: number;
+  /** CPU per transaction in µs: the whole machine, and the proxy process (not for direct). */
+  machineCpuUs?: number;
+  proxyCpuUs?: number;
+  /** Context switches on the whole machine per transaction. */
+  switchesPerTx?: number;
   /** Set when this pgbench run failed (left out of the medians). */
   error?: string;
 }
@@ -45,6 +50,8 @@ export interface ScenarioResult {
   ratios: { multigresVsDirect?: number; multigresVsPgbouncer?: number; pgbouncerVsDirect?: number };
   /** Medians over rounds of each round's p50/p99 (µs), when latency was logged. */
   latency?: Record<TargetName, { p50Us: number; p99Us: number }>;
+  /** Medians over rounds of CPU per transaction (µs), see RunRecord. */
+  cpu?: Record<TargetName, { machineUs: number; proxyUs?: number; switchesPerTx: number }>;
 }
 
 export interface StartupResult {
@@ -125,6 +132,25 @@ export function markdown(r: BenchResult): string {
         const v = s.medianTps[t];
         const vs = (other: number | undefined) => fmtRatio(v !== undefined && other !== undefined ? v / other : undefined);
         return [fmtInt(v), vs(s.medianTps.multigres), ...(hasPgb ? [vs(s.medianTps.pgbouncer)] : [])].join(" | ");
+      });
+      out.push(`| ${s.title} | ${cells.join(" | ")} |`);
+    }
+    out.push("");
+  }
+
+  const withCpu = r.scenarios.filter((s) => s.cpu);
+  if (withCpu.length > 0) {
+    const names = [...new Set(withCpu.flatMap((s) => targetsOf(s)))];
+    out.push(
+      "**CPU per transaction** (median of rounds: µs of the whole machine / µs of it in the proxy process / context switches on the machine; from /proc, clock-tick resolution)",
+    );
+    out.push("");
+    out.push(`| scenario | ${names.join(" | ")} |`);
+    out.push(`|---|${names.map(() => "--:").join("|")}|`);
+    for (const s of withCpu) {
+      const cells = names.map((t) => {
+        const c = s.cpu![t];
+        return c ? `${fmtUs(c.machineUs)} / ${c.proxyUs !== undefined ? fmtUs(c.proxyUs) : "–"} / ${c.switchesPerTx.toFixed(1)}` : "–";
       });
       out.push(`| ${s.title} | ${cells.join(" | ")} |`);
     }

@@ -200,6 +200,35 @@ export function rssBytes(pid: number): number {
   return Number(m[1]) * 1024;
 }
 
+/**
+ * CPU time in clock ticks (USER_HZ, 100 on Linux): the whole machine's busy
+ * time from /proc/stat (user, nice, system, irq, softirq) and one
+ * process's user + system time. Read around a pgbench run, it says where a
+ * transaction's CPU went: in the proxy, or in PostgreSQL and pgbench.
+ */
+export interface CpuTicks {
+  machine: number;
+  process: number;
+  /** Context switches on the whole machine so far. */
+  switches: number;
+}
+
+export const TICK_US = 10_000;
+
+export function cpuTicks(pid: number | undefined): CpuTicks {
+  const stat = readFileSync("/proc/stat", "utf8");
+  const cpu = stat.split("\n")[0]!.split(/\s+/).slice(1).map(Number);
+  const machine = cpu[0]! + cpu[1]! + cpu[2]! + cpu[5]! + cpu[6]!;
+  const switches = Number(/^ctxt (\d+)/m.exec(stat)?.[1] ?? NaN);
+  let process = 0;
+  if (pid !== undefined) {
+    const own = readFileSync(`/proc/${pid}/stat`, "utf8");
+    const fields = own.slice(own.lastIndexOf(")") + 2).split(" ");
+    process = Number(fields[11]) + Number(fields[12]); // utime, stime
+  }
+  return { machine, process, switches };
+}
+
 // ---------------------------------------------------------------------------
 // network
 
