@@ -567,7 +567,12 @@ async function main(): Promise<void> {
     }
     if (opts.floor) {
       log("memory: relay");
-      await attempt("relay", () => memoryProfile("relay", { ...plan, user: APP_USER, start: (kind) => startRelay({ upstreamPort: pg.port, workDir, tag: `mem-${kind}` }) }));
+      // Established sessions only: the relay connects upstream as soon as a
+      // client is accepted, so idle pre-startup clients would each hold a
+      // Postgres backend waiting for a startup packet (5,000 of them swamp it).
+      await attempt("relay", () =>
+        memoryProfile("relay", { ...plan, preStartup: [], user: APP_USER, start: (kind) => startRelay({ upstreamPort: pg.port, workDir, tag: `mem-${kind}` }) }),
+      );
     }
     if (pgbBin) {
       log("memory: pgbouncer");
