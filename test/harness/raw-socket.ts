@@ -27,6 +27,23 @@ export function errorFields(body: Buffer): Record<string, string> {
   return out;
 }
 
+/** Text values of a DataRow body (null for SQL NULL). */
+export function dataRow(body: Buffer): (string | null)[] {
+  const n = body.readUInt16BE(0);
+  const out: (string | null)[] = [];
+  let at = 2;
+  for (let i = 0; i < n; i++) {
+    const len = body.readInt32BE(at);
+    at += 4;
+    if (len < 0) out.push(null);
+    else {
+      out.push(decoder.decode(body.subarray(at, at + len)));
+      at += len;
+    }
+  }
+  return out;
+}
+
 export abstract class RawSocket {
   /** The peer sent FIN (or the connection was reset / closed). */
   peerClosed = false;

@@ -4,7 +4,7 @@
  * harness's shared one, a raw wire-protocol client, broken upstreams, and
  * bounded polling.
  */
-import { errorFields, RawSocket, type Message } from "../harness/raw-socket.ts";
+import { dataRow, errorFields, RawSocket, type Message } from "../harness/raw-socket.ts";
 export { errorFields, type Message };
 import { chownSync, existsSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from "node:fs";
 import { createConnection, createServer, type Server, type Socket } from "node:net";
@@ -269,7 +269,6 @@ export async function bootCluster(opts: ClusterOptions = {}): Promise<Cluster> {
 // ---------------------------------------------------------- wire protocol
 
 const enc = new TextEncoder();
-const dec = new TextDecoder();
 
 function be32(n: number): Buffer {
   const b = Buffer.alloc(4);
@@ -295,22 +294,6 @@ export const terminateMessage = () => typedMessage("X", new Uint8Array(0));
 
 
 
-/** Text values of a DataRow body (null for SQL NULL). */
-export function dataRow(body: Buffer): (string | null)[] {
-  const n = body.readUInt16BE(0);
-  const out: (string | null)[] = [];
-  let at = 2;
-  for (let i = 0; i < n; i++) {
-    const len = body.readInt32BE(at);
-    at += 4;
-    if (len < 0) out.push(null);
-    else {
-      out.push(dec.decode(body.subarray(at, at + len)));
-      at += len;
-    }
-  }
-  return out;
-}
 
 function describe(b: Buffer): string {
   const head = b.subarray(0, 160);

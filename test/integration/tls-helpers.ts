@@ -14,7 +14,7 @@
  * - HTTP and log helpers: the health listener's port from the proxy log,
  *   JSON log lines, waiting for a log condition.
  */
-import { errorFields, type Message } from "../harness/raw-socket.ts";
+import { dataRow, errorFields, type Message } from "../harness/raw-socket.ts";
 export { errorFields, type Message };
 import { chownSync, chmodSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
@@ -344,21 +344,6 @@ export class Wire {
   }
 }
 
-function dataRow(body: Buffer): (string | null)[] {
-  const n = body.readInt16BE(0);
-  const out: (string | null)[] = [];
-  let at = 2;
-  for (let i = 0; i < n; i++) {
-    const len = body.readInt32BE(at);
-    at += 4;
-    if (len < 0) out.push(null);
-    else {
-      out.push(body.subarray(at, at + len).toString("utf8"));
-      at += len;
-    }
-  }
-  return out;
-}
 
 /** A plain TCP connection to host:port (bounded). */
 export function openPlain(port: number, host = "127.0.0.1", timeoutMs = 10_000): Promise<net.Socket> {
