@@ -37,7 +37,6 @@ import {
   psql,
   startPostgres,
   startProxy,
-  startProxyFor,
   SUPERUSER,
   TENANT_A,
   TRUST_USER,
@@ -45,7 +44,7 @@ import {
   type PgInstance,
   type ProxyHandle,
 } from "../harness/index.ts";
-import { getJson, httpBase, jsonLines, openPlain, queryMessage, readyForSignals, waitForEvents, Wire, type LogLine } from "./tls-helpers.ts";
+import { getJson, httpBase, jsonLines, openPlain, queryMessage, startReadyProxy, waitForEvents, Wire, type LogLine } from "./tls-helpers.ts";
 
 // Per file: bun applies setDefaultTimeout only to the file that calls it.
 setDefaultTimeout(120_000);
@@ -55,13 +54,7 @@ const proxies: ProxyHandle[] = [];
 const dirs: string[] = [];
 const TABLE = "ops_lifecycle";
 
-async function proxyWith(args: string[]): Promise<ProxyHandle> {
-  const p = await startProxyFor(pg, { args });
-  proxies.push(p);
-  // A signal sent before the proxy's handlers are in place would kill it.
-  await readyForSignals(p);
-  return p;
-}
+const proxyWith = (args: string[]) => startReadyProxy(pg, args, proxies);
 
 beforeAll(async () => {
   pg = await startPostgres();

@@ -23,7 +23,7 @@ import { join } from "node:path";
 import tls from "node:tls";
 import postgres from "postgres";
 import { startupMessage } from "../../src/protocol/messages.ts";
-import type { PgInstance, ProxyHandle } from "../harness/index.ts";
+import { startProxyFor, type PgInstance, type ProxyHandle } from "../harness/index.ts";
 
 // ------------------------------------------------------------------ openssl
 
@@ -448,6 +448,15 @@ export async function httpBase(proxy: ProxyHandle): Promise<string> {
  * so one answered /healthz request proves they are in place. (The "listening
  * on" line comes earlier: a signal sent right after it kills the process.)
  */
+/** A proxy in front of `pg`, kept in `into` for teardown, started and ready for signals. */
+export async function startReadyProxy(pg: PgInstance, args: string[], into: ProxyHandle[]): Promise<ProxyHandle> {
+  const p = await startProxyFor(pg, { args });
+  into.push(p);
+  // A signal sent before the proxy's handlers are in place would kill it.
+  await readyForSignals(p);
+  return p;
+}
+
 export async function readyForSignals(proxy: ProxyHandle): Promise<string> {
   const base = await httpBase(proxy);
   const res = await fetch(`${base}/healthz`, { signal: AbortSignal.timeout(10_000) });

@@ -38,7 +38,6 @@ import {
   PASSWORDS,
   psql,
   startPostgres,
-  startProxyFor,
   TENANT_A,
   TRUST_USER,
   withClient,
@@ -48,7 +47,7 @@ import {
 import { startupMessage } from "../../src/protocol/messages.ts";
 import {
   directTls,
-  readyForSignals,
+  startReadyProxy,
   disableUpstreamSsl,
   enableUpstreamSsl,
   errorFields,
@@ -71,13 +70,7 @@ let pki: TestPki;
 const proxies: ProxyHandle[] = [];
 const dirs: string[] = [];
 
-async function proxyWith(args: string[]): Promise<ProxyHandle> {
-  const p = await startProxyFor(pg, { args });
-  proxies.push(p);
-  // A signal sent before the proxy's handlers are in place would kill it.
-  await readyForSignals(p);
-  return p;
-}
+const proxyWith = (args: string[]) => startReadyProxy(pg, args, proxies);
 
 beforeAll(async () => {
   pg = await startPostgres();
