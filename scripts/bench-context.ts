@@ -37,8 +37,8 @@ try {
 
   // Set the context exactly as the proxy does, on a direct connection.
   const sql = postgres(pg.url({ user: APP_USER, password: PASSWORDS[APP_USER] }), { max: 1, ssl: false });
-  const [{ pid }] = (await sql`select pg_backend_pid() as pid`) as unknown as [{ pid: number }];
-  const sig = signContext(deriveContextKey(CONTEXT_SECRET), "t3", pid);
+  const [{ binding }] = (await sql`select multigres.backend_binding() as binding`) as unknown as [{ binding: string }];
+  const sig = signContext(deriveContextKey(CONTEXT_SECRET), "t3", binding);
   await sql`select set_config('app.current_tenant_id', 't3', false), set_config('app.current_tenant_id_sig', ${sig}, false)`;
 
   const time = async (table: string) => {

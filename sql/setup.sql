@@ -1,4 +1,4 @@
--- Multigres database setup, schema version 2.
+-- Multigres database setup, schema version 3.
 --
 -- Run as a superuser once per database, or let `multigres setup` do it
 -- (which also stores the context key and hardens the app role). It is
@@ -15,11 +15,13 @@
 -- Why a signature: a custom setting like app.current_tenant_id can be set by
 -- any session (`SET app.current_tenant_id = 'other'`, or an SQL injection).
 -- So the proxy also sets app.current_tenant_id_sig = HMAC-SHA256(key, tenant ||
--- '/' || backend pid), and current_tenant_id() returns the tenant only when
--- that signature verifies against a key in multigres.context_keys, a table
--- the app role cannot read. Anything a session sets by itself yields NULL,
--- and NULL matches no rows. Bound to the backend pid, a signature copied
--- out of one session is worthless in another.
+-- '/' || backend binding), and current_tenant_id() returns the tenant only
+-- when that signature verifies against a key in multigres.context_keys, a
+-- table the app role cannot read. Anything a session sets by itself yields
+-- NULL, and NULL matches no rows. The binding is the backend's pid and its
+-- start time in microseconds: a signature copied out of one session (or read
+-- from a log) is worthless in every other backend, including a later one
+-- that happens to get the same pid.
 --
 -- The app role must be NOSUPERUSER NOBYPASSRLS and must not own the tenant
 -- tables, otherwise RLS does not apply to it.
@@ -37,7 +39,7 @@ CREATE TABLE IF NOT EXISTS multigres.meta (
   value text NOT NULL
 );
 REVOKE ALL ON multigres.meta FROM PUBLIC;
-INSERT INTO multigres.meta VALUES ('schema_version', '2')
+INSERT INTO multigres.meta VALUES ('schema_version', '3')
   ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 
 -- Keys the proxy may sign with. Two at once during a rotation. The HMAC
@@ -76,12 +78,29 @@ END
 $$;
 REVOKE ALL ON FUNCTION multigres.add_context_key(bytea) FROM PUBLIC;
 
+-- What a signature is bound to: "<pid>/<backend start, µs since 1970>".
+-- The proxy reads it once per server connection and signs over it. pids
+-- are reused (pid_max is often 32768), start times are not. SECURITY
+-- DEFINER because hardened databases take pg_stat_get_activity() away from
+-- PUBLIC; only the session's own row is read.
+CREATE OR REPLACE FUNCTION multigres.backend_binding() RETURNS text
+  LANGUAGE sql STABLE SECURITY DEFINER PARALLEL RESTRICTED
+  SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT pg_backend_pid()::text || '/' || (extract(epoch FROM a.backend_start) * 1000000)::bigint::text
+  FROM pg_stat_get_activity(pg_backend_pid()) AS a
+$$;
+REVOKE ALL ON FUNCTION multigres.backend_binding() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION multigres.backend_binding() TO PUBLIC;
+
 -- The tenant of this session, or NULL unless the proxy established it.
 -- SECURITY DEFINER so it can read the keys; a fixed search_path so nothing
 -- the session creates can stand in for what it calls. '' counts as unset
 -- (after RESET, current_setting(name, true) returns '' rather than NULL).
 -- plpgsql rather than SQL: plpgsql keeps its query plan for the session,
 -- where a SQL function that cannot be inlined is planned on every call.
+-- The binding is computed inline (the same expression as
+-- backend_binding()) to save a function call per statement.
 -- PARALLEL RESTRICTED: a parallel worker has another pg_backend_pid(), so
 -- the signature would not verify there (closed, but wrong).
 CREATE OR REPLACE FUNCTION multigres.current_tenant_id() RETURNS text
@@ -91,13 +110,17 @@ AS $$
 DECLARE
   tenant text := nullif(current_setting('app.current_tenant_id', true), '');
   sig text := nullif(current_setting('app.current_tenant_id_sig', true), '');
+  binding text;
 BEGIN
   IF tenant IS NULL OR sig IS NULL THEN
     RETURN NULL;
   END IF;
+  SELECT pg_backend_pid()::text || '/' || (extract(epoch FROM a.backend_start) * 1000000)::bigint::text
+    INTO binding
+    FROM pg_stat_get_activity(pg_backend_pid()) AS a;
   PERFORM FROM multigres.context_keys AS k
     WHERE encode(sha256(k.outer_pad || sha256(k.inner_pad
-            || convert_to(tenant || '/' || pg_backend_pid()::text, 'UTF8'))), 'hex') = sig;
+            || convert_to(tenant || '/' || binding, 'UTF8'))), 'hex') = sig;
   IF FOUND THEN
     RETURN tenant;
   END IF;
@@ -106,6 +129,32 @@ END
 $$;
 REVOKE ALL ON FUNCTION multigres.current_tenant_id() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION multigres.current_tenant_id() TO PUBLIC;
+
+-- How the proxy knows the database really accepts a context, and if not,
+-- why: 'ok'; 'no key' (this key id is not stored: setup not run with the
+-- proxy's secret); 'no context' (no tenant set); 'invalid signature'. The
+-- proxy asks right after setting a context and fails the session loudly on
+-- anything but 'ok', instead of letting it run with 0 rows. It reveals
+-- only whether a key id (a hash prefix of the key) is stored.
+CREATE OR REPLACE FUNCTION multigres.context_status(key_id text) RETURNS text
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER PARALLEL RESTRICTED
+  SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF NOT EXISTS (SELECT FROM multigres.context_keys AS k WHERE k.key_id = context_status.key_id) THEN
+    RETURN 'no key';
+  END IF;
+  IF nullif(current_setting('app.current_tenant_id', true), '') IS NULL THEN
+    RETURN 'no context';
+  END IF;
+  IF multigres.current_tenant_id() IS NULL THEN
+    RETURN 'invalid signature';
+  END IF;
+  RETURN 'ok';
+END
+$$;
+REVOKE ALL ON FUNCTION multigres.context_status(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION multigres.context_status(text) TO PUBLIC;
 
 -- Resolvable from the default search_path ("$user", public), which is
 -- where policies and application SQL look for it.

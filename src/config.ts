@@ -5,6 +5,7 @@
  * source it came from, all at once, so one run fixes them all.
  */
 import * as v from "valibot";
+import { parseAuthFile } from "./auth/auth-file.ts";
 
 const hostPort = (what: string) =>
   v.pipe(
@@ -39,6 +40,9 @@ const pattern = v.pipe(
   v.transform((s) => new RegExp(`^(?:${s})$`)),
 );
 
+const secret = (what: string) =>
+  v.pipe(v.string(), v.minLength(32, `must be at least 32 characters (${what})`));
+
 const settingName = v.pipe(
   v.string(),
   v.regex(/^[A-Za-z_][A-Za-z0-9_$]*\.[A-Za-z_][A-Za-z0-9_$.]*$/, "must be a custom setting name like app.current_tenant_id"),
@@ -52,16 +56,30 @@ export const ConfigSchema = v.object({
   tenantPattern: pattern,
   superusers: v.array(v.pipe(v.string(), v.minLength(1, "must not be empty"))),
   role: v.optional(v.pipe(v.string(), v.minLength(1, "must not be empty"))),
+  databases: v.array(v.pipe(v.string(), v.minLength(1, "must not be empty"))),
+  auth: v.picklist(["proxy", "passthrough"], 'must be "proxy" or "passthrough"'),
+  authFile: v.optional(v.string()),
+  authMethod: v.picklist(["scram-sha-256", "password"], 'must be "scram-sha-256" or "password"'),
+  tenantAuth: v.picklist(["shared", "token"], 'must be "shared" or "token"'),
+  tokenSecret: v.optional(secret("`openssl rand -base64 48` makes one")),
+  tokenSecretFile: v.optional(v.string()),
+  upstreamPassword: v.optional(v.pipe(v.string(), v.minLength(1, "must not be empty"))),
+  upstreamPasswordFile: v.optional(v.string()),
+  upstreamCert: v.optional(v.string()),
+  upstreamKey: v.optional(v.string()),
   md5Auth: v.picklist(["loopback", "refuse"], 'must be "loopback" or "refuse"'),
   startupTimeout: milliseconds,
-  contextSecret: v.pipe(
-    v.string(),
-    v.minLength(32, "must be at least 32 characters (`multigres setup` generates one)"),
-  ),
+  contextSecret: secret("`multigres setup` generates one"),
   contextSecretFile: v.optional(v.string()),
   guard: v.pipe(
     v.union([v.boolean(), v.picklist(["on", "off", "true", "false"], 'must be "on" or "off"')]),
     v.transform((x) => x === true || x === "on" || x === "true"),
+  ),
+  guardMaxStatement: v.pipe(
+    v.union([v.number(), v.pipe(v.string(), v.regex(/^\d+$/, "must be a whole number of bytes"))]),
+    v.transform(Number),
+    v.integer(),
+    v.minValue(1024, "must be at least 1024 bytes"),
   ),
   logLevel: v.picklist(["silent", "error", "warn", "info", "debug", "trace"], "must be one of silent, error, warn, info, debug, trace"),
   logFormat: v.picklist(["pretty", "json"], 'must be "pretty" or "json"'),
@@ -101,11 +119,23 @@ export const OPTIONS: readonly Option[] = [
   { key: "tenantPattern", flag: "tenant-pattern", file: "tenant_pattern", env: "MULTIGRES_TENANT_PATTERN", default: "[A-Za-z0-9_-]{1,63}", description: "Regular expression a tenant id must match in full" },
   { key: "superusers", flag: "superuser", file: "superusers", env: "MULTIGRES_SUPERUSERS", list: true, default: ["postgres"], description: "User passed through with no tenant and no context (repeatable; env: comma-separated)" },
   { key: "role", flag: "role", file: "role", env: "MULTIGRES_ROLE", description: "Role to SET ROLE to after login (default: the role from the user name)" },
+  { key: "databases", flag: "database", file: "databases", env: "MULTIGRES_DATABASES", list: true, default: [], description: "Databases tenants may connect to, each checked at startup (repeatable; env: comma-separated; default: any, checked per session)" },
+  { key: "auth", flag: "auth", file: "auth", env: "MULTIGRES_AUTH", default: "proxy", description: "Who authenticates clients: \"proxy\" (against --auth-file or tenant tokens; logs in upstream with its own credential) or \"passthrough\" (relays authentication to PostgreSQL)" },
+  { key: "authFile", flag: "auth-file", file: "auth_file", env: "MULTIGRES_AUTH_FILE", description: "Client credentials, PgBouncer userlist format: \"user\" \"SCRAM verifier or password\" per line; re-read on SIGHUP" },
+  { key: "authMethod", flag: "auth-method", file: "auth_method", env: "MULTIGRES_AUTH_METHOD", default: "scram-sha-256", description: "How clients prove their password: scram-sha-256, or password (in clear; only from loopback or over TLS, SCRAM elsewhere)" },
+  { key: "tenantAuth", flag: "tenant-auth", file: "tenant_auth", env: "MULTIGRES_TENANT_AUTH", default: "shared", description: "Tenant users: \"shared\" (the role's auth-file entry) or \"token\" (a token per tenant, `multigres token`)" },
+  { key: "tokenSecret", file: "token_secret", env: "MULTIGRES_TOKEN_SECRET", description: "Secret tenant tokens are derived from (environment or file only; never logged)" },
+  { key: "tokenSecretFile", flag: "token-secret-file", file: "token_secret_file", env: "MULTIGRES_TOKEN_SECRET_FILE", description: "File holding the token secret instead; re-read on SIGHUP" },
+  { key: "upstreamPassword", file: "upstream_password", env: "MULTIGRES_UPSTREAM_PASSWORD", description: "Password the proxy logs in to PostgreSQL with (environment or file only; clients never see it)" },
+  { key: "upstreamPasswordFile", flag: "upstream-password-file", file: "upstream_password_file", env: "MULTIGRES_UPSTREAM_PASSWORD_FILE", description: "File holding the upstream password (one line), or one per role (\"role\" \"password\" lines); re-read on SIGHUP" },
+  { key: "upstreamCert", flag: "upstream-cert", file: "upstream_cert", env: "MULTIGRES_UPSTREAM_CERT", description: "PEM client certificate the proxy presents to PostgreSQL (pg_hba method cert)" },
+  { key: "upstreamKey", flag: "upstream-key", file: "upstream_key", env: "MULTIGRES_UPSTREAM_KEY", description: "PEM private key of --upstream-cert" },
   { key: "md5Auth", flag: "md5-auth", file: "md5_auth", env: "MULTIGRES_MD5_AUTH", default: "loopback", description: "MD5 users: \"loopback\" asks loopback clients for the password and answers the server; \"refuse\" rejects them" },
   { key: "startupTimeout", flag: "startup-timeout", file: "startup_timeout", env: "MULTIGRES_STARTUP_TIMEOUT", default: "15000", description: "Milliseconds a client has to finish startup and authentication (0 = no limit)" },
   { key: "contextSecret", file: "context_secret", env: "MULTIGRES_CONTEXT_SECRET", description: "Secret the tenant context is signed with (environment or file only; never logged)" },
   { key: "contextSecretFile", flag: "context-secret-file", file: "context_secret_file", env: "MULTIGRES_CONTEXT_SECRET_FILE", description: "File holding the context secret instead; re-read on SIGHUP, which is how a secret is rotated" },
   { key: "guard", flag: "guard", file: "guard", env: "MULTIGRES_GUARD", default: "on", description: "Refuse statements that change the role or the tenant context (42501) before they reach the server: on or off" },
+  { key: "guardMaxStatement", flag: "guard-max-statement", file: "guard_max_statement", env: "MULTIGRES_GUARD_MAX_STATEMENT", default: "1048576", description: "Largest statement the guard reads (bytes); a larger one that might change the role or context is refused (54000)" },
   { key: "logLevel", flag: "log-level", file: "log_level", env: "MULTIGRES_LOG_LEVEL", default: "info", description: "silent, error, warn, info, debug or trace" },
   { key: "logFormat", flag: "log-format", file: "log_format", env: "MULTIGRES_LOG_FORMAT", default: "pretty", description: "pretty (for terminals) or json (one object per line)" },
   { key: "tlsCert", flag: "tls-cert", file: "tls_cert", env: "MULTIGRES_TLS_CERT", description: "PEM certificate (chain) clients see; reloaded on SIGHUP" },
@@ -128,9 +158,18 @@ export interface Sources {
   env?: Record<string, string | undefined>;
   /** Parsed TOML and the path it came from. */
   file?: { path: string; data: Record<string, unknown> };
-  /** The context secret read from contextSecretFile; wins over the other sources. */
-  secretFile?: { path: string; text: string };
+  /** Secrets read from their *File options; each wins over the other sources of that secret. */
+  secretFiles?: Partial<Record<SecretKey, { path: string; text: string }>>;
 }
+
+/** Secrets that may come from a file named by another option. */
+export const SECRET_FILES = {
+  contextSecret: "contextSecretFile",
+  tokenSecret: "tokenSecretFile",
+  upstreamPassword: "upstreamPasswordFile",
+} as const;
+type SecretKey = keyof typeof SECRET_FILES;
+const isSecret = (key: string): key is SecretKey => key in SECRET_FILES;
 
 export class ConfigError extends Error {
   constructor(readonly problems: string[]) {
@@ -170,9 +209,11 @@ export function resolveConfig(sources: Sources): Config {
     }
   }
 
-  if (sources.secretFile) {
-    merged.contextSecret = sources.secretFile.text.trim();
-    origin.contextSecret = `contents of ${sources.secretFile.path}`;
+  for (const [key, file] of Object.entries(sources.secretFiles ?? {})) {
+    // A secret is one line; an upstream password file may instead hold a
+    // password per role (userlist lines), which upstreamPasswords() reads.
+    merged[key] = key === "upstreamPassword" ? file.text.replace(/\r?\n$/, "") : file.text.trim();
+    origin[key] = `contents of ${file.path}`;
   }
 
   const result = v.safeParse(ConfigSchema, merged);
@@ -185,7 +226,7 @@ export function resolveConfig(sources: Sources): Config {
         problems.push(`${names.join(" / ")}: is required${option.key === "contextSecret" ? " (`multigres setup` generates one)" : ""}`);
         continue;
       }
-      const shown = key === "contextSecret" ? "(hidden)" : JSON.stringify(merged[key]);
+      const shown = isSecret(key) ? "(hidden)" : JSON.stringify(merged[key]);
       problems.push(`${origin[key] ?? key}: ${issue.message} (got ${shown})`);
     }
   }
@@ -196,6 +237,21 @@ export function resolveConfig(sources: Sources): Config {
     }
     if (c.clientTls === "require" && !c.tlsCert) {
       problems.push(`${origin.clientTls}: client TLS "require" needs --tls-cert and --tls-key`);
+    }
+    if (Boolean(c.upstreamCert) !== Boolean(c.upstreamKey)) {
+      problems.push(`${origin.upstreamCert ?? origin.upstreamKey}: --upstream-cert and --upstream-key go together`);
+    }
+    if (c.upstreamCert && c.upstreamTls === "disable") {
+      problems.push(`${origin.upstreamTls}: a client certificate (--upstream-cert) needs TLS to the upstream, not "disable"`);
+    }
+    if (c.tenantAuth === "token" && !c.tokenSecret) {
+      problems.push(`${origin.tenantAuth}: --tenant-auth token needs MULTIGRES_TOKEN_SECRET or --token-secret-file (at least 32 characters)`);
+    }
+    if (c.auth === "proxy" && !c.authFile && c.tenantAuth !== "token") {
+      problems.push(
+        `${origin.auth}: --auth proxy (the default since 0.3) authenticates clients itself and needs --auth-file FILE, ` +
+          "or --tenant-auth token with MULTIGRES_TOKEN_SECRET; --auth passthrough relays authentication to PostgreSQL as 0.1 and 0.2 did (see the README)",
+      );
     }
   }
   if (problems.length > 0 || !result.success) throw new ConfigError(problems);
@@ -223,14 +279,31 @@ export async function readConfigFile(path: string): Promise<{ path: string; data
  */
 export async function loadConfig(flags: Flags, env: Record<string, string | undefined>, configPath?: string): Promise<Config> {
   const file = configPath ? await readConfigFile(configPath) : undefined;
-  const secretPath = [flags["context-secret-file"]].flat().at(-1) ?? env.MULTIGRES_CONTEXT_SECRET_FILE ?? file?.data.context_secret_file;
-  let secretFile: Sources["secretFile"];
-  if (typeof secretPath === "string" && secretPath !== "") {
+  const secretFiles: Sources["secretFiles"] = {};
+  const problems: string[] = [];
+  for (const [secretKey, fileKey] of Object.entries(SECRET_FILES) as [SecretKey, (typeof SECRET_FILES)[SecretKey]][]) {
+    const o = OPTIONS.find((x) => x.key === fileKey)!;
+    const path = [flags[o.flag!]].flat().at(-1) ?? env[o.env] ?? file?.data[o.file];
+    if (typeof path !== "string" || path === "") continue;
     try {
-      secretFile = { path: secretPath, text: await Bun.file(secretPath).text() };
+      secretFiles[secretKey] = { path, text: await Bun.file(path).text() };
     } catch (e) {
-      throw new ConfigError([`${secretPath}: cannot read the context secret file (${(e as Error).message})`]);
+      problems.push(`${path}: cannot read --${o.flag} (${(e as Error).message})`);
     }
   }
-  return resolveConfig({ flags, env, file, secretFile });
+  if (problems.length > 0) throw new ConfigError(problems);
+  return resolveConfig({ flags, env, file, secretFiles });
+}
+
+/**
+ * The upstream password for `role`: an upstream password file may hold one
+ * line (a password for every role) or `"role" "password"` lines.
+ */
+export function upstreamPasswordFor(config: Pick<Config, "upstreamPassword">, role: string): string | undefined {
+  const text = config.upstreamPassword;
+  if (text === undefined) return undefined;
+  if (!text.trimStart().startsWith('"')) return text;
+  const parsed = parseAuthFile(text);
+  if (parsed.problems.length > 0 || parsed.entries.length === 0) return text;
+  return parsed.entries.find((e) => e.user === role)?.secret;
 }

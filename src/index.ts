@@ -9,6 +9,7 @@ import { startHttp, tcpReachable, type HttpListener } from "./admin/http.ts";
 import { startProxy, type RunningProxy } from "./proxy/server.ts";
 import { setupCommand } from "./db/setup.ts";
 import { doctorCommand } from "./db/doctor.ts";
+import { parseDuration, tenantToken } from "./auth/token.ts";
 import setupSql from "../sql/setup.sql" with { type: "text" };
 import pkg from "../package.json" with { type: "json" };
 
@@ -92,6 +93,8 @@ const start = defineCommand({
         },
         shuttingDown: () => running.shuttingDown,
         sessions: () => running.sessions.size,
+        problems: () => running.health.problems(),
+        authFailures: () => running.health.authFailures,
       });
     }
   },
@@ -101,6 +104,34 @@ const sql = defineCommand({
   meta: { name: "sql", description: "Print sql/setup.sql (pipe it into psql as a superuser)" },
   run() {
     process.stdout.write(setupSql);
+  },
+});
+
+const token = defineCommand({
+  meta: { name: "token", description: "Print the password of <role>.<tenant> under --tenant-auth token" },
+  args: {
+    tenant: { type: "positional", required: true, description: "Tenant id", valueHint: "TENANT" },
+    role: { type: "string", required: true, description: "Role the tenant logs in as", valueHint: "ROLE" },
+    ttl: { type: "string", description: "Expire after this long: 90s, 15m, 12h, 7d (default: never)", valueHint: "DURATION" },
+    "token-secret-file": { type: "string", description: "File holding the token secret (else MULTIGRES_TOKEN_SECRET)", valueHint: "FILE" },
+  },
+  async run({ args }) {
+    const fail = (message: string): never => {
+      process.stderr.write(`multigres token: ${message}\n`);
+      process.exit(2);
+    };
+    const file = args["token-secret-file"] ?? process.env.MULTIGRES_TOKEN_SECRET_FILE;
+    const secret = file ? (await Bun.file(String(file)).text().catch((e: Error) => fail(`cannot read ${file}: ${e.message}`))).trim() : process.env.MULTIGRES_TOKEN_SECRET;
+    if (!secret || secret.length < 32) fail("needs the token secret (at least 32 characters) in MULTIGRES_TOKEN_SECRET or --token-secret-file");
+    let ttlSeconds = 0;
+    try {
+      ttlSeconds = args.ttl ? parseDuration(String(args.ttl)) : 0;
+    } catch (e) {
+      fail((e as Error).message);
+    }
+    const tenant = String(args.tenant);
+    if (ttlSeconds > 0) process.stderr.write("note: a token with an expiry is checked only when sent in clear: run the proxy with --auth-method password (TLS or loopback clients)\n");
+    process.stdout.write(`${tenantToken(secret!, String(args.role), tenant, { ttlSeconds })}\n`);
   },
 });
 
@@ -116,7 +147,7 @@ const main = defineCommand({
   // The start flags are declared here too so that `multigres --listen X`
   // reads X as a flag value, not as a subcommand name.
   args: configArgs,
-  subCommands: { start, setup: setupCommand, doctor: doctorCommand, sql, version },
+  subCommands: { start, setup: setupCommand, doctor: doctorCommand, token, sql, version },
   default: "start",
 });
 

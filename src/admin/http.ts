@@ -1,9 +1,11 @@
 /**
  * The proxy's HTTP listener: health now, metrics and the admin API later.
  *
- *   GET /healthz  200 while the process runs (liveness)
- *   GET /readyz   200 when PostgreSQL accepts a TCP connection, 503 otherwise,
- *                 and 503 while shutting down (readiness)
+ *   GET /healthz  200 while the process runs (liveness), with a few counters
+ *   GET /readyz   200 when PostgreSQL accepts a TCP connection and nothing
+ *                 the proxy learned says sessions will fail (its credential
+ *                 refused, the context key unknown); 503 otherwise, with the
+ *                 reasons, and 503 while shutting down (readiness)
  */
 import type { Server } from "bun";
 import { log } from "../log.ts";
@@ -13,6 +15,9 @@ export interface HttpDeps {
   upstreamReachable(): Promise<boolean>;
   shuttingDown(): boolean;
   sessions(): number;
+  /** Why sessions would fail although the upstream is reachable; empty when fine. */
+  problems(): string[];
+  authFailures(): number;
 }
 
 export interface HttpListener {
@@ -29,11 +34,12 @@ export function startHttp(address: { host: string; port: number }, deps: HttpDep
     hostname: address.host,
     port: address.port,
     routes: {
-      "/healthz": () => json(200, { status: "ok", sessions: deps.sessions() }),
+      "/healthz": () => json(200, { status: "ok", sessions: deps.sessions(), authFailures: deps.authFailures() }),
       "/readyz": async () => {
         if (deps.shuttingDown()) return json(503, { status: "shutting down" });
-        const up = await deps.upstreamReachable();
-        return json(up ? 200 : 503, { status: up ? "ready" : "upstream unreachable" });
+        if (!(await deps.upstreamReachable())) return json(503, { status: "upstream unreachable" });
+        const problems = deps.problems();
+        return problems.length > 0 ? json(503, { status: "not ready", problems }) : json(200, { status: "ready" });
       },
     },
     fetch: () => json(404, { error: "not found", endpoints: ["/healthz", "/readyz"] }),

@@ -18,9 +18,19 @@
  *      secret is generated and printed once. --retire-other-keys deletes
  *      every other key (the last step of a rotation).
  *
- * The secret is printed only when generated; the key never.
+ *   4. With --upstream-password-file: the app role's password, which the
+ *      proxy logs in with (`--auth proxy`). A missing file gets a random
+ *      password (written 0600 before the role is changed, so a failed run
+ *      loses nothing); an existing one is applied. Sent as a SCRAM verifier
+ *      computed here, so the password itself never reaches the server (or
+ *      its log); an equal password is no change.
+ *
+ * The secret is printed only when generated; the key never; passwords never.
  */
 import { randomBytes } from "node:crypto";
+import { existsSync, writeFileSync } from "node:fs";
+import { upstreamPasswordFor } from "../config.ts";
+import { buildVerifier, formatVerifier, parseVerifier, passwordMatches } from "../auth/scram.ts";
 import { defineCommand } from "citty";
 import setupSql from "../../sql/setup.sql" with { type: "text" };
 import { ConfigError } from "../config.ts";
@@ -47,6 +57,8 @@ export interface SetupOptions {
   retireOtherKeys?: boolean;
   /** Generate a new secret even though keys are stored (first step of a rotation). */
   generateSecret?: boolean;
+  /** Set the app role's password from this file, generating it when the file does not exist. */
+  upstreamPasswordFile?: string;
 }
 
 export interface SetupResult {
@@ -190,7 +202,7 @@ const ROLE_ATTRIBUTES = [
   ["rolcanlogin", true, "LOGIN"],
 ] as const;
 
-async function hardenRole(tx: Tx, appRole: string, changes: string[], notes: string[]): Promise<void> {
+async function hardenRole(tx: Tx, appRole: string, changes: string[], notes: string[], passwordComing: boolean): Promise<void> {
   const role = quoteIdent(appRole);
   const [me] = await tx`SELECT current_user AS name`;
   if (me?.name === appRole) {
@@ -203,7 +215,7 @@ async function hardenRole(tx: Tx, appRole: string, changes: string[], notes: str
   if (!r) {
     await tx.unsafe(`CREATE ROLE ${role} ${ROLE_ATTRIBUTES.map(([, , kw]) => kw).join(" ")}`);
     changes.push(`created role ${appRole} (${ROLE_ATTRIBUTES.map(([, , kw]) => kw).join(" ")})`);
-    notes.push(`role ${appRole} has no password yet: ALTER ROLE ${role} PASSWORD '…' (stored as SCRAM)`);
+    if (!passwordComing) notes.push(`role ${appRole} has no password yet: use --upstream-password-file FILE (or ALTER ROLE ${role} PASSWORD '…', stored as SCRAM)`);
     return;
   }
   for (const [column, wanted, keyword] of ROLE_ATTRIBUTES) {
@@ -290,7 +302,8 @@ export async function runSetup(opts: SetupOptions): Promise<SetupResult> {
       const after = await snapshot(tx);
       changes.push(...diffSnapshots(before, after));
 
-      await hardenRole(tx, opts.appRole, changes, notes);
+      await hardenRole(tx, opts.appRole, changes, notes, opts.upstreamPasswordFile !== undefined);
+      if (opts.upstreamPasswordFile) await setUpstreamPassword(tx, opts.appRole, opts.upstreamPasswordFile, changes);
       await storeKey(tx, opts, result);
       // A run that changes nothing writes nothing either: CREATE OR REPLACE
       // rewrites catalog rows even when they come out the same.
@@ -305,6 +318,30 @@ export async function runSetup(opts: SetupOptions): Promise<SetupResult> {
 }
 
 const NOTHING_CHANGED = Symbol("nothing changed");
+
+/** The proxy's upstream password for the app role: from the file, or generated into it. */
+async function setUpstreamPassword(tx: Tx, appRole: string, file: string, changes: string[]): Promise<void> {
+  let password: string | undefined;
+  let generated = false;
+  if (existsSync(file)) {
+    password = upstreamPasswordFor({ upstreamPassword: (await Bun.file(file).text()).replace(/\r?\n$/, "") }, appRole);
+    if (!password) throw new UsageError(`${file} has no password for role ${appRole} (a single line, or a "${appRole}" "password" line)`);
+  } else {
+    password = randomBytes(32).toString("base64url");
+    writeFileSync(file, `${password}\n`, { mode: 0o600, flag: "wx" });
+    generated = true;
+  }
+  const [row] = await tx`SELECT rolpassword FROM pg_catalog.pg_authid WHERE rolname = ${appRole}`;
+  const current = typeof row?.rolpassword === "string" ? parseVerifier(row.rolpassword) : undefined;
+  if (current && (await passwordMatches(password, current))) return;
+  // A verifier, not the password: nothing secret in the statement or the server log.
+  await tx.unsafe(`ALTER ROLE ${quoteIdent(appRole)} PASSWORD ${quoteLiteral(formatVerifier(buildVerifier(password)))}`);
+  changes.push(
+    generated
+      ? `${appRole}: generated a random password, wrote it to ${file} (mode 0600), and set it: give the file to the proxy as --upstream-password-file`
+      : `${appRole}: set the password from ${file} (the proxy's --upstream-password-file)`,
+  );
+}
 
 /** Store the key of the secret (generating one when none is set and none is stored); retire others on request. */
 async function storeKey(tx: Tx, opts: SetupOptions, result: SetupResult): Promise<void> {
@@ -384,6 +421,11 @@ export const setupCommand = defineCommand({
     },
     "retire-other-keys": { type: "boolean", description: "Delete every stored context key except the current secret's (last step of a rotation)" },
     "generate-secret": { type: "boolean", description: "Generate a new secret and store its key even though keys exist (first step of a rotation)" },
+    "upstream-password-file": {
+      type: "string",
+      description: "Set the app role's password (the proxy's upstream credential) from FILE, generating a random one into FILE when it does not exist",
+      valueHint: "FILE",
+    },
   },
   async run({ args }) {
     let result: SetupResult;
@@ -405,6 +447,7 @@ export const setupCommand = defineCommand({
         secret: c.secret,
         retireOtherKeys: Boolean(args["retire-other-keys"]),
         generateSecret: Boolean(args["generate-secret"]),
+        upstreamPasswordFile: args["upstream-password-file"] as string | undefined,
       });
     } catch (e) {
       if (e instanceof UsageError || e instanceof ConfigError) {

@@ -17,11 +17,14 @@ const FUNCTION_CALL = 0x46; // 'F'
 const TEXT_OID = 25;
 
 /**
- * Statements larger than this (bulk INSERTs, huge literals) pass unlexed:
- * lexing megabytes on the event loop would stall every other session. The
- * guard is defence in depth; the database's check does not depend on it.
+ * The default of --guard-max-statement. Lexing runs on the event loop, so a
+ * statement the guard reads in full stalls every session for as long as it
+ * takes (about 12 ms per MiB); a larger one that the byte filter cannot
+ * clear is refused instead (54000), and one it can clear (no word any rule
+ * looks for) passes at any size. Bulk data belongs in COPY or bind
+ * parameters, which the guard never reads.
  */
-export const MAX_LEXED = 1 << 20;
+export const DEFAULT_MAX_STATEMENT = 1 << 20;
 
 /** pg_catalog.set_config(text, text, boolean): its OID is fixed in every release. */
 const SET_CONFIG_OID = 2078;
@@ -36,28 +39,31 @@ const encoder = new TextEncoder();
  * undefined to pass it on. Ordinary queries cost one pass of the byte
  * filter and no allocation.
  */
-export function guardMessage(type: number, bytes: Uint8Array, start: number, end: number, protectedNames: readonly string[]): Uint8Array | undefined {
+export function guardMessage(
+  type: number,
+  bytes: Uint8Array,
+  start: number,
+  end: number,
+  protectedNames: readonly string[],
+  maxStatement = DEFAULT_MAX_STATEMENT,
+): Uint8Array | undefined {
   const from = start + 5;
-  if (type !== FUNCTION_CALL && (end - from > MAX_LEXED || !mayBeForbidden(bytes, from, end))) return undefined;
+  if (type !== FUNCTION_CALL && !mayBeForbidden(bytes, from, end)) return undefined;
+  if (type !== FUNCTION_CALL && end - from > maxStatement) {
+    const verdict = {
+      statement: `${end - from} bytes`,
+      reason: `a statement of ${end - from} bytes is larger than the guard reads (--guard-max-statement ${maxStatement}) and might change the role or the tenant context`,
+    };
+    return type === PARSE ? refuseParse(bytes.subarray(from, end), verdict, "54000") : frame(QUERY, [encoder.encode(refusal(verdict, "54000")), Uint8Array.of(0)]);
+  }
   const body = bytes.subarray(from, end);
   if (type === QUERY) {
     const verdict = checkSql(cstring(body, 0)[0], protectedNames);
     return verdict && frame(QUERY, [encoder.encode(refusal(verdict)), Uint8Array.of(0)]);
   }
   if (type === PARSE) {
-    const [name, afterName] = cstring(body, 0);
-    const [sql, afterSql] = cstring(body, afterName);
-    const verdict = checkSql(sql, protectedNames);
-    if (!verdict) return undefined;
-    // Same statement name and number of parameters, so the client's Bind
-    // still fits; declared as text, since the refusal never reads them and
-    // the server would reject parameters of unknown type.
-    const count = afterSql + 2 <= body.length ? new DataView(body.buffer, body.byteOffset + afterSql, 2).getInt16(0) : 0;
-    const types = new Uint8Array(2 + 4 * Math.max(count, 0));
-    const view = new DataView(types.buffer);
-    view.setInt16(0, Math.max(count, 0));
-    for (let k = 0; k < count; k++) view.setInt32(2 + 4 * k, TEXT_OID);
-    return frame(PARSE, [encoder.encode(name), Uint8Array.of(0), encoder.encode(refusal(verdict)), Uint8Array.of(0), types]);
+    const verdict = checkSql(cstring(body, cstring(body, 0)[1])[0], protectedNames);
+    return verdict && refuseParse(body, verdict);
   }
   if (type === FUNCTION_CALL && body.length >= 4) {
     const oid = new DataView(body.buffer, body.byteOffset, 4).getInt32(0);
@@ -70,30 +76,58 @@ export function guardMessage(type: number, bytes: Uint8Array, start: number, end
 
 /**
  * The hot-path filter, on raw bytes, before anything is decoded: every
- * forbidden statement contains "set" (SET, RESET, set_config, ALTER … SET)
- * or "discard", in any case, unless it hides a name in U&"…" escapes.
- * Most queries contain none of these and cost one pass over their bytes.
+ * forbidden statement contains "set" (SET, RESET, set_config, ALTER … SET),
+ * "discard", "role", "user" or "group" (ALTER/CREATE/DROP ROLE), in any
+ * case, unless it hides a name in U&"…" escapes. Most queries contain none
+ * of these and cost one pass over their bytes.
  */
 export function mayBeForbidden(b: Uint8Array, from = 0, to = b.length): boolean {
   const n = to;
+  const at = (i: number, word: string) => {
+    if (i + word.length > n) return false;
+    for (let k = 1; k < word.length; k++) if ((b[i + k]! | 0x20) !== word.charCodeAt(k)) return false;
+    return true;
+  };
   for (let i = from; i + 1 < n; i++) {
     const c = b[i]! | 0x20;
     if (c === 0x73 /* s */) {
-      if (i + 2 < n && (b[i + 1]! | 0x20) === 0x65 && (b[i + 2]! | 0x20) === 0x74) return true;
+      if (at(i, "set")) return true;
     } else if (c === 0x64 /* d */) {
-      if (i + 6 < n && (b[i + 1]! | 0x20) === 0x69 && (b[i + 2]! | 0x20) === 0x73 && (b[i + 3]! | 0x20) === 0x63) return true;
-    } else if (c === 0x75 /* u */ && b[i + 1] === 0x26 /* & */) {
-      return true;
+      if (at(i, "disc")) return true;
+    } else if (c === 0x72 /* r */) {
+      if (at(i, "role")) return true;
+    } else if (c === 0x75 /* u */) {
+      if (b[i + 1] === 0x26 /* & */ || at(i, "user")) return true;
+    } else if (c === 0x67 /* g */) {
+      if (at(i, "group")) return true;
     }
   }
   return false;
 }
 
-/** SQL that fails with 42501 and says why. Only our own text goes in it. */
-function refusal(v: Verdict): string {
+/**
+ * A Parse whose statement is the refusal: same statement name and number of
+ * parameters, so the client's Bind still fits; declared as text, since the
+ * refusal never reads them and the server would reject parameters of
+ * unknown type.
+ */
+function refuseParse(body: Uint8Array, verdict: Verdict, code = "42501"): Uint8Array {
+  const [name, afterName] = cstring(body, 0);
+  const sqlEnd = body.indexOf(0, afterName);
+  const afterSql = sqlEnd < 0 ? body.length : sqlEnd + 1;
+  const count = afterSql + 2 <= body.length ? new DataView(body.buffer, body.byteOffset + afterSql, 2).getInt16(0) : 0;
+  const types = new Uint8Array(2 + 4 * Math.max(count, 0));
+  const view = new DataView(types.buffer);
+  view.setInt16(0, Math.max(count, 0));
+  for (let k = 0; k < count; k++) view.setInt32(2 + 4 * k, TEXT_OID);
+  return frame(PARSE, [encoder.encode(name), Uint8Array.of(0), encoder.encode(refusal(verdict, code)), Uint8Array.of(0), types]);
+}
+
+/** SQL that fails with `code` (42501 unless said) and says why. Only our own text goes in it. */
+function refusal(v: Verdict, code = "42501"): string {
   const literal = (s: string) => `'${s.replace(/'/g, "''").replace(/\$/g, "")}'`;
   return (
-    "DO $multigres_guard$ BEGIN RAISE EXCEPTION USING ERRCODE = '42501', " +
+    `DO $multigres_guard$ BEGIN RAISE EXCEPTION USING ERRCODE = '${code}', ` +
     `MESSAGE = ${literal(`multigres: ${v.reason}`)}, ` +
     `HINT = ${literal("the role and the tenant context are fixed for the connection; connect as another <role>.<tenant> instead")}; ` +
     "END $multigres_guard$"

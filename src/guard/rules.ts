@@ -71,32 +71,35 @@ function checkStatementHead(t: Token[], names: readonly string[]): Verdict | und
     return refuse(t, "DISCARD ALL would clear the tenant context and role");
   }
 
-  // ALTER ROLE/USER … SET <protected> (a role may set its own defaults).
-  if (head === "alter" && (word(1) === "role" || word(1) === "user")) {
-    for (let j = 2; j < t.length; j++) {
-      if (word(j) === "set" || word(j) === "reset") {
-        const target = settingName(t, j + 1);
-        if (target && (names.includes(target) || target === "all")) {
-          return refuse(t, `${target} is set by the proxy and cannot be changed`);
-        }
-      }
-    }
+  // Roles are the database's business, not a tenant's: a session of the
+  // app role could change its own password, settings or memberships with
+  // ALTER ROLE, whatever follows. (USER MAPPING is a foreign-data object.)
+  if ((head === "alter" || head === "create" || head === "drop") && ROLE_WORDS.has(word(1) ?? "") && word(2) !== "mapping") {
+    return refuse(t, `${head.toUpperCase()} ${word(1)!.toUpperCase()} is not allowed through multigres`);
   }
 
-  // set_config('<protected>', …) anywhere in an expression.
-  for (let j = 0; j < t.length - 2; j++) {
+  // set_config(…) anywhere in an expression: its first argument must be one
+  // string literal naming an unprotected setting. Anything computed (a
+  // bind parameter, lower('ROLE'), 'app.' || x) could name a protected one.
+  for (let j = 0; j < t.length - 1; j++) {
     const tok = t[j]!;
     if (tok.kind !== "word" && tok.kind !== "ident") continue;
     if (tok.value.toLowerCase() !== "set_config") continue;
     if (t[j + 1]?.kind !== "op" || t[j + 1]!.value !== "(") continue;
-    const arg = t[j + 2]!;
-    if (arg.kind === "string" && names.includes(arg.value.trim().toLowerCase())) {
+    const arg = t[j + 2];
+    const after = t[j + 3];
+    if (arg?.kind !== "string" || after?.kind !== "op" || after.value !== ",") {
+      return refuse(t, "set_config() must name its setting with a string literal through multigres");
+    }
+    if (names.includes(arg.value.trim().toLowerCase())) {
       return refuse(t, `${arg.value} is set by the proxy and cannot be changed`);
     }
   }
 
   return undefined;
 }
+
+const ROLE_WORDS = new Set(["role", "user", "group"]);
 
 /** DO blocks and function bodies: look inside once (dynamic SQL built at run time is left to the database check). */
 function checkBodies(t: Token[], names: readonly string[], depth: number): Verdict | undefined {

@@ -136,6 +136,11 @@ export function authenticationSASL(mechanisms: readonly string[]): Uint8Array {
   return w.byte(0).finish(MSG.authentication);
 }
 
+/** AuthenticationSASLContinue / AuthenticationSASLFinal: a SCRAM server message. */
+export function authenticationSASLData(code: typeof AUTH.saslContinue | typeof AUTH.saslFinal, data: string): Uint8Array {
+  return new MessageWriter().int32(code).bytes(encoder.encode(data)).finish(MSG.authentication);
+}
+
 export function passwordMessage(password: string): Uint8Array {
   return new MessageWriter().cstring(password).finish(MSG.password);
 }
@@ -148,10 +153,12 @@ export function negotiateProtocolVersion(newestMinor: number, unrecognized: read
 }
 
 /**
- * One extended-protocol round: Parse, Bind (text parameters), Execute, Sync.
- * Parameters travel as bind values, so they are data, never SQL.
+ * One extended-protocol round: Parse, Bind (text parameters), Execute, and
+ * Sync unless `sync` is false (several statements under one Sync run in one
+ * implicit transaction). Parameters travel as bind values, so they are
+ * data, never SQL.
  */
-export function extendedQuery(sql: string, params: readonly string[]): Uint8Array {
+export function extendedQuery(sql: string, params: readonly string[], sync = true): Uint8Array {
   const parse = new MessageWriter().cstring("").cstring(sql).int16(0).finish(0x50);
   const bind = new MessageWriter().cstring("").cstring("").int16(0).int16(params.length);
   for (const p of params) {
@@ -159,8 +166,9 @@ export function extendedQuery(sql: string, params: readonly string[]): Uint8Arra
     bind.int32(b.length).bytes(b);
   }
   const execute = new MessageWriter().cstring("").int32(0).finish(0x45);
-  const sync = new MessageWriter().finish(0x53);
-  return concat([parse, bind.int16(0).finish(0x42), execute, sync]);
+  const parts = [parse, bind.int16(0).finish(0x42), execute];
+  if (sync) parts.push(new MessageWriter().finish(0x53));
+  return concat(parts);
 }
 
 export function concat(parts: readonly Uint8Array[]): Uint8Array {
@@ -226,10 +234,31 @@ export function readErrorFields(body: Uint8Array): Map<string, string> {
   return fields;
 }
 
+/** ParameterStatus: the setting's name and value. */
+export function readParameterStatus(body: Uint8Array): [string, string] {
+  const [name = "", value = ""] = cstrings(body, 0);
+  return [name, value];
+}
+
 /** The password string of a PasswordMessage ('p'). */
 export function readPassword(body: Uint8Array): string {
   const nul = body.indexOf(0);
   return decoder.decode(body.subarray(0, nul < 0 ? body.length : nul));
+}
+
+/** A client's SASLInitialResponse: the mechanism it chose and its first message. */
+export function readSaslInitialResponse(body: Uint8Array): { mechanism: string; data: string } {
+  const nul = body.indexOf(0);
+  if (nul < 0 || nul + 5 > body.length) throw new Error("malformed SASLInitialResponse");
+  const length = int32(body, nul + 1);
+  const data = body.subarray(nul + 5);
+  if (length !== data.length) throw new Error("malformed SASLInitialResponse (length mismatch)");
+  return { mechanism: decoder.decode(body.subarray(0, nul)), data: decoder.decode(data) };
+}
+
+/** A client's SASLResponse: the rest of the exchange. */
+export function readSaslResponse(body: Uint8Array): string {
+  return decoder.decode(body);
 }
 
 /** SASLInitialResponse: the chosen mechanism and its first message. */

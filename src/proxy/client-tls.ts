@@ -12,6 +12,7 @@ import type { Socket } from "bun";
 import { Duplex } from "node:stream";
 import { createSecureContext, TLSSocket, type SecureContext } from "node:tls";
 import type { Outbox } from "./outbox.ts";
+import { tlsServerEndPoint } from "../auth/channel-binding.ts";
 
 /** What a session needs of the connection to its client. */
 export interface ClientTransport {
@@ -27,13 +28,15 @@ export interface ServerTls {
   cert: string;
   key: string;
   context: SecureContext;
+  /** tls-server-end-point channel binding data of `cert`, when it allows binding. */
+  endPoint: Uint8Array | undefined;
 }
 
 export async function loadServerTls(certPath: string, keyPath: string): Promise<ServerTls> {
   const [cert, key] = await Promise.all([Bun.file(certPath).text(), Bun.file(keyPath).text()]);
   // Builds (and so validates) the pair now, not at the first client.
   const context = createSecureContext({ cert, key });
-  return { cert, key, context };
+  return { cert, key, context, endPoint: tlsServerEndPoint(cert) };
 }
 
 export interface DirectTlsEvents {

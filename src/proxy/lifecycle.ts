@@ -1,16 +1,18 @@
 /**
  * The lifecycle of one client connection, as a transition table.
  *
- *   startup ──StartupMessage──▶ connecting ──server open──▶ authenticating
- *      │  SSLRequest/GSSENCRequest: answer 'N', stay        │ auth relayed both ways
- *      │  CancelRequest: forward, close                      ▼ AuthenticationOk
- *      ▼ anything else: 08P01                            post_auth ──ReadyForQuery──▶ injecting ──ReadyForQuery──▶ transparent
- *    closed ◀────────── any failure: ErrorResponse, close ──┘    (context sent at BackendKeyData, answered here)
+ *   startup ─StartupMessage─┬─▶ client_auth ──ok──▶ connecting ──▶ server_login ──ready──┐   --auth proxy
+ *     │ SSLRequest: TLS     │   (the proxy checks       │           (its own credential)   │
+ *     │ CancelRequest:      │    the client)            │                                  ▼
+ *     │   forward, close    └───────────────────▶ connecting ──▶ authenticating ──▶ post_auth ─Z─▶ injecting ──▶ transparent
+ *     ▼ garbage: 08P01        --auth passthrough,             (relayed both ways)          (context round)
+ *   closed ◀── any failure: ErrorResponse, close   and superusers
  *
  * `(state, event) → handler → next state`. Events are named `client:<x>` /
  * `server:<x>` where x is a message type character for framed messages,
- * `data` for raw bytes, or a lifecycle event. An event a state does not
- * list is a protocol violation, answered with ErrorResponse 08P01 and a
+ * `data` for raw bytes, or a lifecycle event; `auth:step` and
+ * `context:<x>` report the proxy's own procedures. An event a state does
+ * not list is a protocol violation, answered with ErrorResponse 08P01 and a
  * close, never a crash.
  *
  * Handlers only decide; the Session (session.ts) does the I/O.
@@ -25,8 +27,6 @@ import {
   passwordMessage,
   readAuthRequest,
   readBackendKeyData,
-  readDataRow,
-  readErrorFields,
   readPassword,
   readSaslData,
   saslInitialResponse,
@@ -36,15 +36,29 @@ import {
 } from "../protocol/messages.ts";
 import type { StartupPacket } from "../protocol/startup.ts";
 import { md5PasswordResponse } from "../auth/md5.ts";
-import { SCRAM_MECHANISM, scramContinue, scramStart, scramVerify } from "../auth/scram.ts";
+import { scramContinue, scramStart, scramVerify } from "../auth/scram-client.ts";
+import { SCRAM_MECHANISM } from "../auth/scram.ts";
 import { forbiddenStartupParameter, printable, resolveIdentity } from "../tenant/identity.ts";
-import { contextMessages, signatureSetting } from "../tenant/context.ts";
+import { signatureSetting } from "../tenant/context.ts";
 import { protectedSettings } from "../guard/rules.ts";
-import { MAX_HELD_BYTES, type Session } from "./session.ts";
+import type { Step } from "./client-auth.ts";
+import type { ContextResult } from "./context-round.ts";
+import type { LoginResult } from "./server-login.ts";
+import { errors } from "./errors.ts";
+import type { Session } from "./session.ts";
 
-export type State = "startup" | "connecting" | "authenticating" | "post_auth" | "injecting" | "transparent" | "closed";
+export type State =
+  | "startup"
+  | "client_auth"
+  | "connecting"
+  | "authenticating"
+  | "server_login"
+  | "post_auth"
+  | "injecting"
+  | "transparent"
+  | "closed";
 
-export type Input = Frame | StartupPacket | Uint8Array | Error | undefined;
+export type Input = Frame | StartupPacket | Uint8Array | Error | Step | LoginResult | ContextResult | undefined;
 
 // Method syntax makes parameters bivariant, so each handler can name the
 // input its event carries (a Frame, a StartupPacket, raw bytes …).
@@ -54,6 +68,7 @@ const always = {
   "client:closed": clientGone,
   "server:closed": serverGone,
   "server:unreachable": serverUnreachable,
+  "server:broken": serverBroken,
   timeout: startupTimedOut,
 };
 
@@ -67,8 +82,14 @@ export const lifecycle: Record<State, Record<string, Handler>> = {
     "client:invalid": rejectStartupPacket,
     ...always,
   },
+  client_auth: {
+    "client:p": clientAuthMessage,
+    "auth:step": clientAuthStep,
+    ...always,
+  },
   connecting: {
-    "server:opened": sendStartup,
+    "server:opened": serverOpened,
+    "client:data": holdClientBytes,
     ...always,
   },
   authenticating: {
@@ -76,6 +97,11 @@ export const lifecycle: Record<State, Record<string, Handler>> = {
     "server:E": relayErrorAndClose,
     "server:N": relay,
     "client:p": authResponse,
+    ...always,
+  },
+  server_login: {
+    "server:login": loggedIn,
+    "client:data": holdClientBytes,
     ...always,
   },
   post_auth: {
@@ -88,14 +114,7 @@ export const lifecycle: Record<State, Record<string, Handler>> = {
     ...always,
   },
   injecting: {
-    "server:1": expectedReply, // ParseComplete
-    "server:2": expectedReply, // BindComplete
-    "server:D": contextRow, // the set_config() row, and whether RLS can be bypassed
-    "server:C": expectedReply, // CommandComplete
-    "server:S": relay,
-    "server:N": relay,
-    "server:E": contextFailed,
-    "server:Z": contextReady,
+    "context:done": contextDone,
     "client:data": holdClientBytes,
     ...always,
   },
@@ -117,14 +136,14 @@ function declineEncryption(s: Session): State {
 
 function declineGssEncryption(s: Session): State {
   // libpq may ask for GSS encryption first and then for TLS: allow that once.
-  if (s.gssAsked) return s.fail({ severity: "FATAL", code: "08P01", message: "duplicate GSS encryption request" });
+  if (s.gssAsked) return s.fail(errors.duplicateEncryptionRequest(true));
   s.gssAsked = true;
   return declineEncryption(s);
 }
 
 function negotiateTls(s: Session): State {
   // One encryption request per connection, as Postgres allows.
-  if (s.encryptionAsked) return s.fail({ severity: "FATAL", code: "08P01", message: "duplicate SSL or GSS encryption request" });
+  if (s.encryptionAsked) return s.fail(errors.duplicateEncryptionRequest(false));
   s.encryptionAsked = true;
   if (!s.tlsAvailable) return declineEncryption(s);
   s.startTls();
@@ -132,9 +151,7 @@ function negotiateTls(s: Session): State {
 }
 
 function directTls(s: Session, hello: Uint8Array): State {
-  if (!s.tlsAvailable) {
-    return s.fail({ severity: "FATAL", code: "08P01", message: "direct TLS connection, but multigres has no certificate configured (--tls-cert)" });
-  }
+  if (!s.tlsAvailable) return s.fail(errors.directTlsWithoutCertificate());
   s.startDirectTls(hello);
   return s.state;
 }
@@ -145,17 +162,13 @@ function forwardCancel(s: Session, p: Extract<StartupPacket, { kind: "cancel" }>
 }
 
 function rejectStartupPacket(s: Session, p: Extract<StartupPacket, { kind: "invalid" }>): State {
-  return s.fail({ severity: "FATAL", code: "08P01", message: `invalid startup packet: ${p.reason}` });
+  return s.fail(errors.invalidStartupPacket(p.reason));
 }
 
 function beginSession(s: Session, p: Extract<StartupPacket, { kind: "startup" }>): State {
-  if (s.config.clientTls === "require" && !s.tls) {
-    return s.fail({ severity: "FATAL", code: "28000", message: "multigres requires TLS: connect with sslmode=require (or stronger)" });
-  }
+  if (s.config.clientTls === "require" && !s.tls) return s.fail(errors.tlsRequired());
   const identity = resolveIdentity(p.params.get("user"), s.config);
-  if (identity.kind === "rejected") {
-    return s.fail({ severity: "FATAL", code: "28000", message: identity.message, hint: identity.hint });
-  }
+  if (identity.kind === "rejected") return s.fail(errors.rejectedUser(identity.message, identity.hint));
 
   // Protocol 3.2+ and `_pq_.` extensions are negotiated down to plain 3.0,
   // which is all the proxy speaks to either side.
@@ -168,44 +181,81 @@ function beginSession(s: Session, p: Extract<StartupPacket, { kind: "startup" }>
 
   if (identity.kind === "tenant") {
     const forbidden = forbiddenStartupParameter(p.params, protectedSettings(s.config.tenantSetting, signatureSetting(s.config.tenantSetting)));
-    if (forbidden) {
-      return s.fail({
-        severity: "FATAL",
-        code: "28000",
-        message: `startup parameter ${forbidden} is not allowed: the proxy sets the tenant context and role`,
-        hint: "remove it from the connection string or PGOPTIONS",
-      });
-    }
+    if (forbidden) return s.fail(errors.forbiddenStartupParameter(forbidden));
     upstream.set("user", identity.role);
     // Postgres defaults the database to the user name; clients that fill it
     // in themselves (libpq, psql) send the long name, which is no database.
     const db = p.params.get("database");
     if (db === undefined || db === identity.user) upstream.set("database", identity.role);
+    const database = upstream.get("database")!;
+    if (s.config.databases.length > 0 && !s.config.databases.includes(database)) return s.fail(errors.databaseNotServed(printable(database)));
   }
 
   s.identify(identity);
-  s.upstreamStartup = startupMessage(upstream);
+  s.upstreamParams = upstream;
   if (p.minor > 0 || unsupported.length > 0) s.toClient(negotiateProtocolVersion(0, unsupported));
+  if (s.relaysAuthentication) {
+    s.connectUpstream();
+    return "connecting";
+  }
+  s.toClient(s.beginClientAuth());
+  return "client_auth";
+}
+
+// -------------------------------------- the proxy authenticates the client
+
+function clientAuthMessage(s: Session, m: Frame): State {
+  const step = s.clientAuth!.message(m.body);
+  if (!(step instanceof Promise)) return clientAuthStep(s, step);
+  s.awaitStep(step);
+  return "client_auth";
+}
+
+function clientAuthStep(s: Session, step: Step): State {
+  if (step.kind === "failed") {
+    s.authFailed(step.reason);
+    return s.fail(step.error);
+  }
+  s.toClient(step.send);
+  if (step.kind === "continue") return "client_auth";
+  s.authSucceeded();
   s.connectUpstream();
   return "connecting";
 }
 
-// ----------------------------------------------------------- authentication
-
-function sendStartup(s: Session): State {
-  s.toServer(s.upstreamStartup!);
-  s.upstreamStartup = undefined;
-  return "authenticating";
+function serverOpened(s: Session): State {
+  if (s.relaysAuthentication) {
+    // The client's own startup goes to the server, and its authentication is relayed.
+    s.relayServerMessages();
+    s.toServer(startupMessage(s.upstreamParams!));
+    return "authenticating";
+  }
+  s.logInUpstream();
+  return "server_login";
 }
+
+// ------------------------------------- the proxy logs in with its own credential
+
+function loggedIn(s: Session, result: LoginResult): State {
+  if (!result.ok) {
+    s.upstreamLoginFailed(result);
+    return s.fail(errors.upstreamLoginFailed(s.upstreamParams!.get("user")!));
+  }
+  s.upstreamLoginSucceeded();
+  // What the client would have seen from the server: its parameters and a key.
+  for (const raw of s.serverParameters()) s.toClient(raw);
+  s.toClient(backendKeyData(s.issueCancelKey()));
+  return s.establishContext();
+}
+
+// ----------------------------------------- authentication relayed (passthrough)
 
 function authRequest(s: Session, m: Frame): State {
   const req = readAuthRequest(m.body);
   switch (req.code) {
     case AUTH.ok:
       // Logging in with SCRAM ourselves, Ok must follow a verified SASLFinal.
-      if (s.scram || s.scramPending) {
-        return s.fail({ severity: "FATAL", code: "28000", message: "the upstream server skipped SCRAM verification" });
-      }
+      if (s.scram || s.scramPending) return s.fail(errors.upstreamSkippedScram());
       s.toClient(m.raw);
       return "post_auth";
     case AUTH.md5Password:
@@ -213,22 +263,16 @@ function authRequest(s: Session, m: Frame): State {
     case AUTH.sasl: {
       const offered = (req as { mechanisms: string[] }).mechanisms;
       // TLS on both legs: the client would answer with gs2 flag "y", which the
-      // server rejects as a downgrade (see auth/scram.ts). Log in for it.
+      // server rejects as a downgrade (see auth/scram-client.ts). Log in for it.
       if (s.tls && offered.includes(SCRAM_MECHANISM) && offered.some((x) => x.endsWith("-PLUS"))) {
         s.scramPending = true;
         s.toClient(authenticationRequest(AUTH.cleartextPassword));
         return "authenticating";
       }
       // Channel binding binds to the TLS connection the client sees, which is
-      // not the one the server sees: -PLUS can never succeed through a proxy.
+      // not the one the server sees: -PLUS can never succeed through a relay.
       const mechanisms = offered.filter((x) => !x.endsWith("-PLUS"));
-      if (mechanisms.length === 0) {
-        return s.fail({
-          severity: "FATAL",
-          code: "28000",
-          message: "the server offers only SASL channel binding (-PLUS), which cannot work through a proxy",
-        });
-      }
+      if (mechanisms.length === 0) return s.fail(errors.onlyChannelBinding());
       s.toClient(authenticationSASL(mechanisms));
       return "authenticating";
     }
@@ -243,7 +287,7 @@ function authRequest(s: Session, m: Frame): State {
       if (s.scram) {
         const verified = scramVerify(s.scram, readSaslData(m.body));
         s.scram = undefined;
-        if (!verified) return s.fail({ severity: "FATAL", code: "28000", message: "the upstream server's SCRAM signature did not verify" });
+        if (!verified) return s.fail(errors.upstreamScramUnverified());
         return "authenticating"; // AuthenticationOk follows and goes to the client
       }
       s.toClient(m.raw);
@@ -252,12 +296,7 @@ function authRequest(s: Session, m: Frame): State {
       s.toClient(m.raw);
       return "authenticating";
     default:
-      return s.fail({
-        severity: "FATAL",
-        code: "28000",
-        message: `authentication method ${req.code} (GSSAPI/SSPI/Kerberos) is not supported through multigres`,
-        hint: "use scram-sha-256 for this user in pg_hba.conf",
-      });
+      return s.fail(errors.unsupportedAuthMethod(req.code));
   }
 }
 
@@ -276,12 +315,7 @@ function md5Challenge(s: Session, m: Frame, salt: Uint8Array): State {
     s.toClient(authenticationRequest(AUTH.cleartextPassword));
     return "authenticating";
   }
-  return s.fail({
-    severity: "FATAL",
-    code: "28000",
-    message: `MD5 authentication cannot pass through the user name rewrite for "${printable(s.identity.user)}"`,
-    hint: "store the role's password as SCRAM (password_encryption = 'scram-sha-256', then ALTER ROLE … PASSWORD) and use scram-sha-256 in pg_hba.conf",
-  });
+  return s.fail(errors.md5ThroughRewrite(printable(s.identity.user)));
 }
 
 function authResponse(s: Session, m: Frame): State {
@@ -300,17 +334,9 @@ function authResponse(s: Session, m: Frame): State {
   return "authenticating";
 }
 
-// ----------------------------------------------------- after authentication
-
 function backendKey(s: Session, m: Frame): State {
-  s.serverKey = readBackendKeyData(m.body);
+  s.setServerKey(readBackendKeyData(m.body));
   s.toClient(backendKeyData(s.issueCancelKey()));
-  if (s.identity?.kind === "tenant") {
-    // The signature binds the context to this backend's pid, known from
-    // here on. Sent now, not after the first ReadyForQuery: the server reads
-    // it as soon as its startup is done, so it costs no extra round trip.
-    s.toServer(contextMessages(s.config, s.identity, s.contextKey, s.serverKey.processId));
-  }
   return "post_auth";
 }
 
@@ -319,64 +345,25 @@ function firstReady(s: Session, m: Frame): State {
     s.toClient(m.raw);
     return s.goTransparent();
   }
-  if (!s.serverKey) {
-    return s.fail({
-      severity: "FATAL",
-      code: "08P01",
-      message: "the upstream server sent no BackendKeyData, so the tenant context cannot be bound to its backend",
-    });
+  if (!s.hasServerKey) return s.fail(errors.noBackendKeyData());
+  return s.establishContext();
+}
+
+// ------------------------------------------------------ the tenant context
+
+function contextDone(s: Session, result: ContextResult): State {
+  if (!result.ok) {
+    s.log.error(`tenant context not established: ${result.error.message}`);
+    return s.fail(result.error);
   }
-  // Held back: the client must not see ReadyForQuery before its context is set.
-  s.heldReady = m.raw.slice();
-  s.heldReadyAt = performance.now();
-  return "injecting";
-}
-
-function expectedReply(): State {
-  return "injecting";
-}
-
-function contextRow(s: Session, m: Frame): State {
-  const values = readDataRow(m.body);
-  if (values.at(-1) !== "f") {
-    const role = s.config.role ?? (s.identity?.kind === "tenant" ? s.identity.role : "?");
-    return s.fail({
-      severity: "FATAL",
-      code: "28000",
-      message: `tenant sessions must not be able to bypass row-level security, but role "${role}" (or the login role) is a superuser, has BYPASSRLS, or is a member of such a role`,
-      hint: "use a NOSUPERUSER NOBYPASSRLS app role (multigres setup hardens it); superusers connect as themselves (--superuser)",
-    });
-  }
-  return "injecting";
-}
-
-function contextFailed(s: Session, m: Frame): State {
-  const fields = readErrorFields(m.body);
-  s.log.error(`could not establish tenant context: ${fields.get("M") ?? "unknown error"}`);
-  return s.fail({
-    severity: "FATAL",
-    code: fields.get("C") ?? "28000",
-    message: `could not establish the tenant context: ${fields.get("M") ?? "unknown error"}`,
-    hint: "check that the role exists and that the app role may SET ROLE to it",
-  });
-}
-
-function contextReady(s: Session): State {
-  s.toClient(s.heldReady!);
-  s.heldReady = undefined;
-  // What the context cost the client: the wait between the server being
-  // ready and the context being in place (no round trip of its own).
-  s.log.debug(`tenant context in place ${(performance.now() - s.heldReadyAt).toFixed(3)} ms after server ready`);
+  // The client's first ReadyForQuery comes only now, with the context in place.
+  s.toClient(result.ready);
+  s.log.debug(`tenant context in place ${s.contextMs().toFixed(3)} ms after the server was ready`);
   return s.goTransparent();
 }
 
 function holdClientBytes(s: Session, bytes: Uint8Array): State {
-  // A client that pipelines before its first ReadyForQuery: keep its bytes
-  // (in order) until the context is in place, and stop reading past a bound.
-  // Each data event brings a buffer of its own, so no copy is needed.
-  s.heldClient.push(bytes);
-  s.heldBytes += bytes.length;
-  if (s.heldBytes > MAX_HELD_BYTES) s.pauseClient();
+  s.holdClientBytes(bytes);
   return s.state;
 }
 
@@ -410,30 +397,23 @@ function clientGone(s: Session): State {
 
 function serverGone(s: Session): State {
   if (s.state === "transparent") return s.close();
-  return s.fail({ severity: "FATAL", code: "08006", message: "the upstream server closed the connection during startup" });
+  return s.fail(errors.upstreamClosedDuringStartup());
 }
 
 function serverUnreachable(s: Session, error: Error): State {
   const { host, port } = s.config.upstream;
-  return s.fail({
-    severity: "FATAL",
-    code: "08006",
-    message: `could not connect to the upstream server at ${host}:${port}: ${error.message}`,
-    hint: "check that PostgreSQL is running at --upstream; for TLS errors, see --upstream-tls, --upstream-ca and --upstream-server-name",
-  });
+  return s.fail(errors.upstreamUnreachable(host, port, error.message));
+}
+
+function serverBroken(s: Session, error: Error): State {
+  return s.fail(errors.invalidServerMessage(error.message));
 }
 
 function startupTimedOut(s: Session): State {
-  return s.fail({
-    severity: "FATAL",
-    code: "08006",
-    message: `startup and authentication did not complete within ${s.config.startupTimeout} ms`,
-  });
+  return s.fail(errors.startupTimeout(s.config.startupTimeout));
 }
 
 /** What happens to an event a state does not list. */
 export function protocolViolation(s: Session, event: string): ErrorFields {
-  const what = event.replace(/^(client|server):/, "$1 message ");
-  return { severity: "FATAL", code: "08P01", message: `protocol violation: unexpected ${what} while ${s.state.replace("_", " ")}` };
+  return errors.protocolViolation(event.replace(/^(client|server):/, "$1 message "), s.state.replace("_", " "));
 }
-

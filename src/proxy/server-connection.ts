@@ -1,16 +1,32 @@
 /**
  * The server side of a proxied session: one connection to PostgreSQL,
- * optionally over TLS.
+ * optionally over TLS, and what the proxy knows about the backend behind it
+ * (its cancel key, the parameters it reported, its binding for context
+ * signatures, the tenant context it carries).
  *
  * Kept apart from the client session on purpose: the session owns a
  * ServerConnection only while attached to it, so a pool can later hand the
  * same connection to another session without either knowing the other.
+ *
+ * Bytes from the server go to the owner as they come, except while a
+ * reader is installed (`read()`): then they are framed and handed to the
+ * reader message by message. The proxy's own procedures on a connection,
+ * logging in (server-login.ts) and establishing a tenant context
+ * (context-round.ts), are readers.
  */
 import type { Socket, SocketHandler } from "bun";
 import { connect as netConnect, type Socket as NetSocket } from "node:net";
 import { checkServerIdentity, type PeerCertificate } from "node:tls";
 import { SSL_REQUEST } from "../protocol/messages.ts";
+import { Framer, FramingError, type Frame } from "../protocol/framer.ts";
+import type { CancelKey } from "./cancel.ts";
 import { Outbox } from "./outbox.ts";
+
+/** Largest server message accepted while the proxy reads messages itself. */
+const MAX_FRAMED_MESSAGE = 1 << 20;
+
+/** Takes one server message; "done" hands the bytes after it back to the owner. */
+export type Reader = (message: Frame) => "more" | "done";
 
 /** What a ServerConnection reports to whoever it is attached to. */
 export interface ServerOwner {
@@ -18,6 +34,8 @@ export interface ServerOwner {
   serverData(bytes: Uint8Array): void;
   serverClosed(error?: Error): void;
   serverUnreachable(error: Error): void;
+  /** A message the proxy reads itself was malformed, or its reader threw. */
+  serverBroken(error: Error): void;
   /** The server stopped accepting our writes / caught up again. */
   serverBacklog(): void;
   serverClear(): void;
@@ -33,6 +51,9 @@ export interface UpstreamOptions {
   ca?: string;
   /** Name to verify and send as SNI; defaults to host. */
   serverName?: string;
+  /** PEM client certificate and key to present (pg_hba method cert). */
+  cert?: string;
+  key?: string;
   connectTimeout: number;
   keepalive: number;
 }
@@ -74,6 +95,18 @@ export class ServerConnection {
   private timer: ReturnType<typeof setTimeout> | undefined;
   /** The connect in progress, which failed() can abandon. */
   private pending: NetSocket | undefined;
+  private reader: Reader | undefined;
+  private frames: Framer | undefined;
+
+  // What the proxy knows about the backend (set by the procedures).
+  /** The server's BackendKeyData: what a cancel for this backend carries. */
+  key: CancelKey | undefined;
+  /** ParameterStatus messages from the login, by name, as sent (replayed to clients). */
+  readonly parameters = new Map<string, Uint8Array>();
+  /** "<pid>/<start in µs>": what context signatures on this backend are bound to. */
+  binding: string | undefined;
+  /** The tenant whose context the backend carries now, once verified. */
+  tenant: string | undefined;
 
   private constructor(
     public owner: ServerOwner | undefined,
@@ -119,6 +152,35 @@ export class ServerConnection {
     return socket === this.socket;
   }
 
+  /** Frame what the server sends and hand it to `reader` until it is done. */
+  read(reader: Reader): void {
+    this.reader = reader;
+    this.frames ??= new Framer(MAX_FRAMED_MESSAGE, 1024);
+  }
+
+  private feed(bytes: Uint8Array): void {
+    const frames = this.frames!;
+    frames.push(bytes);
+    try {
+      let f: Frame | null;
+      while (this.reader && !this.ended && (f = frames.next())) {
+        const reader = this.reader;
+        // A reader may hand over to the next one (login, then context).
+        if (reader(f) === "done" && this.reader === reader) this.reader = undefined;
+      }
+    } catch (e) {
+      if (!(e instanceof FramingError) && !(e instanceof Error)) throw e;
+      this.reader = undefined;
+      this.frames = undefined;
+      this.owner?.serverBroken(e);
+      return;
+    }
+    if (!this.reader && this.frames) {
+      this.frames = undefined;
+      if (frames.buffered > 0) this.owner?.serverData(frames.drain());
+    }
+  }
+
   send(bytes: Uint8Array): void {
     this.outbox?.send(bytes);
   }
@@ -161,7 +223,8 @@ export class ServerConnection {
   received(socket: ServerSocket, bytes: Uint8Array): void {
     if (!this.isCurrent(socket)) return; // ciphertext seen by the raw socket after upgradeTLS
     if (!this.awaitingSslAnswer) {
-      this.owner?.serverData(bytes);
+      if (this.reader) this.feed(bytes);
+      else this.owner?.serverData(bytes);
       return;
     }
     this.awaitingSslAnswer = false;
@@ -183,6 +246,8 @@ export class ServerConnection {
         // verify-full can differ on the host name.
         rejectUnauthorized: false,
         ca: verify ? this.options.ca : undefined,
+        cert: this.options.cert,
+        key: this.options.key,
         serverName: this.options.serverName ?? this.options.host,
       },
     });

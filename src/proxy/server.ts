@@ -3,19 +3,24 @@
  * runs the proxy's own lifecycle (reload, graceful shutdown, idle sweep).
  */
 import type { SocketHandler, TCPSocketListener } from "bun";
-import type { Config } from "../config.ts";
+import { ConfigError, type Config } from "../config.ts";
 import { log } from "../log.ts";
 import { cancelRequest } from "../protocol/messages.ts";
 import { contextKeyId, deriveContextKey } from "../tenant/context.ts";
+import { Credentials, CredentialsError } from "../auth/credentials.ts";
 import { CancelRegistry } from "./cancel.ts";
 import { loadServerTls } from "./client-tls.ts";
+import { UpstreamHealth } from "./health.ts";
 import { clientHandlers, Session, type ClientSocket, type ProxyContext } from "./session.ts";
+import { checkUpstream } from "./startup-check.ts";
 
 export interface RunningProxy {
   hostname: string;
   port: number;
   sessions: ReadonlySet<Session>;
   readonly shuttingDown: boolean;
+  /** Upstream logins refused, the context key missing: why /readyz says 503. */
+  readonly health: UpstreamHealth;
   /** The config in force (it changes on reload). */
   readonly config: Config;
   /** Apply a reloaded config: new sessions use it, live ones keep theirs. */
@@ -36,6 +41,7 @@ export async function startProxy(config: Config): Promise<RunningProxy> {
     config,
     contextKey: deriveContextKey(config.contextSecret),
     ...(await loadFiles(config)),
+    health: new UpstreamHealth(),
     cancelKeys: new CancelRegistry(),
     sendCancel,
     sessionClosed: (s) => {
@@ -70,11 +76,14 @@ export async function startProxy(config: Config): Promise<RunningProxy> {
 
   log.info(`listening on ${listener.hostname}:${listener.port}, upstream ${config.upstream.host}:${config.upstream.port}`);
   log.info(`signing tenant contexts with key ${contextKeyId(ctx.contextKey)}${ctx.tls ? "; client TLS on" : ""}`);
+  log.info(describeAuth(config, ctx));
+  void checkUpstream(ctx);
 
   return {
     hostname: listener.hostname,
     port: listener.port,
     sessions,
+    health: ctx.health,
     get shuttingDown() {
       return shuttingDown;
     },
@@ -122,11 +131,44 @@ export async function startProxy(config: Config): Promise<RunningProxy> {
   };
 }
 
-/** Files the config names, read (and validated) together. */
-async function loadFiles(config: Config): Promise<Pick<ProxyContext, "tls" | "upstreamCa">> {
+/** Files the config names, read (and validated) together; again on SIGHUP. */
+async function loadFiles(config: Config): Promise<Pick<ProxyContext, "tls" | "upstreamCa" | "upstreamCert" | "credentials">> {
   const tls = config.tlsCert && config.tlsKey ? await loadServerTls(config.tlsCert, config.tlsKey) : undefined;
   const upstreamCa = config.upstreamCa ? await Bun.file(config.upstreamCa).text() : undefined;
-  return { tls, upstreamCa };
+  const upstreamCert =
+    config.upstreamCert && config.upstreamKey
+      ? { cert: await Bun.file(config.upstreamCert).text(), key: await Bun.file(config.upstreamKey).text() }
+      : undefined;
+  return { tls, upstreamCa, upstreamCert, credentials: await loadCredentials(config) };
+}
+
+async function loadCredentials(config: Config): Promise<Credentials | undefined> {
+  if (config.auth === "passthrough") return undefined;
+  let authFile: { path: string; text: string } | undefined;
+  if (config.authFile) {
+    try {
+      authFile = { path: config.authFile, text: await Bun.file(config.authFile).text() };
+    } catch (e) {
+      throw new ConfigError([`${config.authFile}: cannot read --auth-file (${(e as Error).message})`]);
+    }
+  }
+  try {
+    return await Credentials.load({ authFile, tenantAuth: config.tenantAuth, tokenSecret: config.tokenSecret });
+  } catch (e) {
+    if (e instanceof CredentialsError) throw new ConfigError(e.problems);
+    throw e;
+  }
+}
+
+/** One line saying who authenticates whom. */
+function describeAuth(config: Config, ctx: ProxyContext): string {
+  if (config.auth === "passthrough") return "authentication: relayed to PostgreSQL (--auth passthrough: the tenant is not authenticated by the proxy)";
+  const clients = [
+    config.authFile && `${ctx.credentials?.names.length ?? 0} auth-file entries`,
+    config.tenantAuth === "token" && "tenant tokens",
+  ].filter(Boolean);
+  const upstream = config.upstreamPassword !== undefined ? "the upstream password" : ctx.upstreamCert ? "a client certificate" : "no credential (trust)";
+  return `authentication: clients by the proxy (${config.authMethod}; ${clients.join(" and ")}), upstream with ${upstream}; superusers relayed to PostgreSQL`;
 }
 
 /** CancelRequest travels on a connection of its own, which the server closes. */

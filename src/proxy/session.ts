@@ -2,29 +2,33 @@
  * The client side of a proxied connection: one socket, its lifecycle state
  * and the ServerConnection it is attached to. Turns socket events into
  * lifecycle events (framing only where the lifecycle needs messages) and
- * performs the I/O the lifecycle asks for.
+ * performs the I/O and the procedures the lifecycle asks for.
  */
 import type { Socket, SocketHandler } from "bun";
-import type { Config } from "../config.ts";
+import { upstreamPasswordFor, type Config } from "../config.ts";
 import { ConnectionLog } from "../log.ts";
 import { Framer, FramingError, type Frame } from "../protocol/framer.ts";
 import { errorResponse, type ErrorFields } from "../protocol/messages.ts";
 import { MAX_STARTUP_PACKET, MIN_STARTUP_PACKET, parseStartupPacket } from "../protocol/startup.ts";
-import type { Identity } from "../tenant/identity.ts";
-import type { ScramClient } from "../auth/scram.ts";
+import { printable, type Identity } from "../tenant/identity.ts";
+import type { ScramClient } from "../auth/scram-client.ts";
+import type { Credentials } from "../auth/credentials.ts";
 import { signatureSetting } from "../tenant/context.ts";
 import { guardMessage, guardWatches } from "../guard/guard.ts";
 import { protectedSettings } from "../guard/rules.ts";
 import { MessageScanner } from "../protocol/scanner.ts";
 import { QueryTracker } from "../protocol/ready.ts";
 import type { CancelKey, CancelRegistry } from "./cancel.ts";
+import { ClientAuth, type Step } from "./client-auth.ts";
+import { establishContext } from "./context-round.ts";
+import { errors } from "./errors.ts";
 import { lifecycle, protocolViolation, type Input, type State } from "./lifecycle.ts";
 import { Outbox } from "./outbox.ts";
+import { logIn, type LoginResult } from "./server-login.ts";
 import { ServerConnection, type ServerOwner } from "./server-connection.ts";
 import { DirectTlsTransport, type ClientTransport, type ServerTls } from "./client-tls.ts";
+import type { UpstreamHealth } from "./health.ts";
 
-/** Largest server message accepted before the transparent state. */
-const MAX_SERVER_STARTUP_MESSAGE = 1 << 20;
 /** How long a closing session may wait for a client to read what is queued. */
 const CLOSE_DEADLINE_MS = 10_000;
 /** Client bytes held before the context is set, before the client is paused. */
@@ -43,6 +47,11 @@ export interface ProxyContext {
   tls: ServerTls | undefined;
   /** PEM CA bundle for verifying the upstream, when configured. */
   upstreamCa: string | undefined;
+  /** Client credentials (--auth proxy); undefined with --auth passthrough. */
+  credentials: Credentials | undefined;
+  /** PEM client certificate and key for the upstream, when configured. */
+  upstreamCert: { cert: string; key: string } | undefined;
+  health: UpstreamHealth;
   cancelKeys: CancelRegistry;
   sendCancel(upstream: { host: string; port: number }, processId: number, secretKey: number): void;
   sessionClosed(session: Session): void;
@@ -57,19 +66,24 @@ export class Session implements ServerOwner {
   identity: Exclude<Identity, { kind: "rejected" }> | undefined;
 
   // Set by the lifecycle as the connection progresses.
-  upstreamStartup: Uint8Array | undefined;
+  /** Startup parameters for the server (user rewritten to the role). */
+  upstreamParams: Map<string, string> | undefined;
+  /** The proxy authenticating this client (--auth proxy). */
+  clientAuth: ClientAuth | undefined;
   md5Salt: Uint8Array | undefined;
-  /** The proxy logs in upstream with SCRAM for a TLS client (auth/scram.ts). */
+  /** Passthrough: the proxy logs in upstream with SCRAM for a TLS client (auth/scram-client.ts). */
   scramPending = false;
   scram: ScramClient | undefined;
-  serverKey: CancelKey | undefined;
-  heldReady: Uint8Array | undefined;
-  heldReadyAt = 0;
-  heldClient: Uint8Array[] = [];
-  heldBytes = 0;
+  private heldClient: Uint8Array[] = [];
+  private heldBytes = 0;
+  /** A step of the client's authentication is being computed: frame nothing more until it is. */
+  private authPending = false;
+  private contextStartedAt = 0;
 
   /** Whether the client leg is encrypted. */
   tls = false;
+  /** tls-server-end-point of the certificate this client's TLS uses (SCRAM-SHA-256-PLUS). */
+  private channelBinding: Uint8Array | undefined;
   /** The server this session went to (cancels follow it, whatever a reload changes). */
   private upstream: { host: string; port: number } | undefined;
   /** SSLRequest / GSSENCRequest seen (each is allowed once). */
@@ -80,7 +94,6 @@ export class Session implements ServerOwner {
   private transport: ClientTransport;
   private out: Outbox;
   private clientFrames: Framer | undefined = new Framer(MAX_STARTUP_PACKET, 256);
-  private serverFrames: Framer | undefined;
   private cancelKey: CancelKey | undefined;
   /** Set in the transparent state of a guarded tenant session. */
   private guard: MessageScanner | undefined;
@@ -117,11 +130,6 @@ export class Session implements ServerOwner {
     );
   }
 
-  /** Stop reading the client (it sent more than we hold before the context is set). */
-  pauseClient(): void {
-    this.transport.pause();
-  }
-
   /** Events from the raw socket only count until TLS takes it over. */
   owns(socket: unknown): boolean {
     return socket === this.transport;
@@ -155,7 +163,7 @@ export class Session implements ServerOwner {
         // A message that decodes badly (say, truncated by a broken upstream)
         // ends this session, never the proxy.
         this.log.warn(`${event} in state ${this.state}: ${(e as Error).message}`);
-        this.state = this.fail({ severity: "FATAL", code: "08P01", message: `protocol violation: ${(e as Error).message}` });
+        this.state = this.fail(errors.protocolError((e as Error).message));
       }
     } else if (this.state !== "closed") {
       this.log.warn(`${event} in state ${this.state}`);
@@ -171,6 +179,13 @@ export class Session implements ServerOwner {
     if (!this.clientFrames) return this.dispatch("client:data", bytes);
     // A TLS ClientHello (record type 22) first: PostgreSQL 17's direct TLS.
     if (first && bytes[0] === 0x16 && this.state === "startup" && !this.tls) return this.dispatch("client:tls_hello", bytes);
+    // Terminate ('X') before any startup packet: a driver giving up on a
+    // connection it never used. PostgreSQL closes without a word; so do we.
+    if (first && bytes[0] === 0x58 && this.state === "startup") {
+      this.log.debug("client sent Terminate before its startup packet");
+      this.state = this.close();
+      return;
+    }
     this.clientFrames.push(bytes);
     this.pumpClient();
   }
@@ -185,15 +200,16 @@ export class Session implements ServerOwner {
 
   /** Frames client bytes while the lifecycle wants messages, not bytes. */
   private pumpClient(): void {
-    const frames = this.clientFrames!;
+    const frames = this.clientFrames;
+    if (!frames) return;
     try {
-      for (;;) {
+      while (!this.authPending) {
         if (this.state === "startup") {
           const f = frames.nextUntyped(MIN_STARTUP_PACKET);
           if (!f) return;
           const packet = parseStartupPacket(f.body);
           this.dispatch(`client:${packet.kind}`, packet);
-        } else if (this.state === "authenticating") {
+        } else if (this.state === "authenticating" || this.state === "client_auth") {
           const f = frames.next();
           if (!f) return;
           this.dispatch(`client:${String.fromCharCode(f.type)}`, f);
@@ -203,17 +219,18 @@ export class Session implements ServerOwner {
       }
     } catch (e) {
       if (!(e instanceof FramingError)) throw e;
-      this.state = this.fail({ severity: "FATAL", code: "08P01", message: `invalid ${this.state === "startup" ? "startup packet" : "message"}: ${e.message}` });
+      this.state = this.fail(this.state === "startup" ? errors.invalidStartupPacket(e.message) : errors.invalidMessage(e.message));
       return;
     }
-    // A client has nothing to say while the proxy connects upstream; one
-    // that keeps talking is not buffered without bound.
-    if (this.state === "connecting" && frames.buffered > MAX_STARTUP_PACKET) {
-      this.state = this.fail({ severity: "FATAL", code: "08P01", message: "unexpected data from the client before authentication" });
+    if (this.authPending) return;
+    // Relaying, a client has nothing to say while the proxy connects
+    // upstream; one that keeps talking is not buffered without bound.
+    if (this.state === "connecting" && this.relaysAuthentication) {
+      if (frames.buffered > MAX_STARTUP_PACKET) this.state = this.fail(errors.dataBeforeAuthentication());
       return;
     }
     // Past authentication the client's bytes are no longer framed here.
-    if (this.state !== "connecting" && this.state !== "closed") {
+    if (this.state !== "closed") {
       this.clientFrames = undefined;
       if (frames.buffered > 0) this.dispatch("client:data", frames.drain());
     }
@@ -222,26 +239,16 @@ export class Session implements ServerOwner {
   // --------------------------------------------------------- server events
 
   serverOpened(): void {
-    this.serverFrames = new Framer(MAX_SERVER_STARTUP_MESSAGE, 1024);
     this.dispatch("server:opened", undefined);
     if (this.clientFrames) this.pumpClient();
   }
 
   serverData(bytes: Uint8Array): void {
-    if (!this.serverFrames) return this.dispatch("server:data", bytes);
-    const frames = this.serverFrames;
-    frames.push(bytes);
-    let f: Frame | null;
-    try {
-      while (this.state !== "transparent" && this.state !== "closed" && (f = frames.next())) {
-        this.dispatch(`server:${String.fromCharCode(f.type)}`, f);
-      }
-    } catch (e) {
-      if (!(e instanceof FramingError)) throw e;
-      this.state = this.fail({ severity: "FATAL", code: "08P01", message: `invalid message from the upstream server: ${e.message}` });
-      return;
-    }
-    if (this.state === "transparent" && frames.buffered > 0) this.serverData(frames.drain());
+    this.dispatch("server:data", bytes);
+  }
+
+  serverBroken(error: Error): void {
+    this.dispatch("server:broken", error);
   }
 
   serverClosed(error?: Error): void {
@@ -274,6 +281,14 @@ export class Session implements ServerOwner {
     this.server?.send(bytes);
   };
 
+  /** A client that pipelines before its first ReadyForQuery: keep its bytes, in order, until the context is in place. */
+  holdClientBytes(bytes: Uint8Array): void {
+    // Each data event brings a buffer of its own, so no copy is needed.
+    this.heldClient.push(bytes);
+    this.heldBytes += bytes.length;
+    if (this.heldBytes > MAX_HELD_BYTES) this.transport.pause();
+  }
+
   /** Client bytes in the transparent state: through the guard, if on. */
   clientToServer(bytes: Uint8Array): void {
     this.lastClientActivity = performance.now();
@@ -283,7 +298,7 @@ export class Session implements ServerOwner {
       this.guard.scan(bytes, this.toServer, this.inspect);
     } catch (e) {
       if (!(e instanceof FramingError)) throw e;
-      this.state = this.fail({ severity: "FATAL", code: "08P01", message: `invalid message: ${e.message}` });
+      this.state = this.fail(errors.invalidMessage(e.message));
     }
   }
 
@@ -293,7 +308,7 @@ export class Session implements ServerOwner {
       this.tracker?.fromServer(bytes);
     } catch (e) {
       if (!(e instanceof FramingError)) throw e;
-      this.state = this.fail({ severity: "FATAL", code: "08P01", message: `invalid message from the upstream server: ${e.message}` });
+      this.state = this.fail(errors.invalidServerMessage(e.message));
       return;
     }
     this.toClient(bytes);
@@ -313,17 +328,17 @@ export class Session implements ServerOwner {
 
   terminate(): void {
     if (this.closing) return;
-    this.state = this.fail({ severity: "FATAL", code: "57P01", message: "terminating connection because multigres is shutting down" });
+    this.state = this.fail(errors.shuttingDown());
   }
 
   closeIfIdle(now: number, limit: number): void {
     if (this.state !== "transparent" || this.tracker?.busy) return;
     if (now - this.lastClientActivity < limit) return;
-    this.state = this.fail({ severity: "FATAL", code: "57P05", message: `terminating connection after ${limit} ms idle (--idle-timeout)` });
+    this.state = this.fail(errors.idleTimeout(limit));
   }
 
   private inspect = (type: number, bytes: Uint8Array, start: number, end: number): Uint8Array | undefined => {
-    const replacement = guardMessage(type, bytes, start, end, this.protectedNames);
+    const replacement = guardMessage(type, bytes, start, end, this.protectedNames, this.config.guardMaxStatement);
     if (replacement) this.log.warn("refused a statement that would change the role or the tenant context (42501)");
     return replacement;
   };
@@ -333,10 +348,11 @@ export class Session implements ServerOwner {
     if (this.clientFrames && this.clientFrames.buffered > 0) {
       // Bytes sent after SSLRequest but before the handshake were never
       // encrypted: someone may have injected them (CVE-2021-23214).
-      this.state = this.fail({ severity: "FATAL", code: "08P01", message: "received unencrypted data after SSL request" });
+      this.state = this.fail(errors.unencryptedAfterSslRequest());
       return;
     }
     this.toClient(Uint8Array.of(0x53));
+    this.channelBinding = this.ctx.tls!.endPoint;
     const [, tlsSocket] = this.socket.upgradeTLS<Session>({
       data: this,
       socket: clientHandlers as unknown as SocketHandler<Session>,
@@ -362,13 +378,14 @@ export class Session implements ServerOwner {
         secure: (alpn) => {
           // Direct TLS without ALPN "postgresql" could be some other protocol's
           // client talking to the wrong port; Postgres refuses it too.
-          if (alpn !== "postgresql") this.state = this.fail({ severity: "FATAL", code: "08P01", message: "direct TLS connection without ALPN \"postgresql\"" });
+          if (alpn !== "postgresql") this.state = this.fail(errors.directTlsWithoutAlpn());
         },
       },
       (raw, onClear) => new Outbox(raw, () => this.server?.pause(), () => { onClear(); this.server?.resume(); }),
     );
     this.direct = transport;
     this.tls = true;
+    this.channelBinding = this.ctx.tls!.endPoint;
     this.transport = transport;
     this.out = this.outboxFor(transport);
     transport.feed(hello);
@@ -387,6 +404,48 @@ export class Session implements ServerOwner {
     });
   }
 
+  /** Superusers, and everyone under --auth passthrough: PostgreSQL authenticates them. */
+  get relaysAuthentication(): boolean {
+    return this.config.auth === "passthrough" || this.identity?.kind !== "tenant";
+  }
+
+  /** --auth proxy: the exchange with the client begins; returns its first message. */
+  beginClientAuth(): Uint8Array {
+    const id = this.identity as Extract<Identity, { kind: "tenant" }>;
+    // Cleartext only where nobody can listen; SCRAM everywhere else.
+    const method = this.config.authMethod === "password" && (this.tls || this.clientIsLoopback) ? "password" : "scram";
+    this.clientAuth = new ClientAuth(this.ctx.credentials!, id, method, this.tls ? this.channelBinding : undefined);
+    return this.clientAuth.request();
+  }
+
+  /** A step of the client's authentication that takes a moment: go on when it is ready. */
+  awaitStep(step: Promise<Step>): void {
+    this.authPending = true;
+    step.then(
+      (result) => {
+        this.authPending = false;
+        if (this.state !== "client_auth") return;
+        this.dispatch("auth:step", result);
+        this.pumpClient();
+      },
+      (error: Error) => {
+        this.authPending = false;
+        this.log.error(`client authentication: ${error.message}`);
+        if (this.state === "client_auth") this.state = this.fail(errors.saslProtocol("internal error"));
+      },
+    );
+  }
+
+  authFailed(reason: string): void {
+    this.ctx.health.authFailures++;
+    this.log.warn(`authentication failed for user "${printable(this.identity!.kind === "tenant" ? this.identity!.user : "")}": ${reason}`, { event: "auth_failed" });
+  }
+
+  authSucceeded(): void {
+    this.log.debug(`client authenticated (${this.clientAuth?.source})`);
+    this.clientAuth = undefined;
+  }
+
   connectUpstream(): void {
     const c = this.config;
     this.upstream = c.upstream;
@@ -397,11 +456,71 @@ export class Session implements ServerOwner {
         tls: c.upstreamTls,
         ca: this.ctx.upstreamCa,
         serverName: c.upstreamServerName,
+        cert: this.ctx.upstreamCert?.cert,
+        key: this.ctx.upstreamCert?.key,
         connectTimeout: c.connectTimeout,
         keepalive: c.keepalive,
       },
       this,
     );
+  }
+
+  /** Relaying: server messages become lifecycle events until the session is transparent. */
+  relayServerMessages(): void {
+    this.server!.read((f: Frame) => {
+      this.dispatch(`server:${String.fromCharCode(f.type)}`, f);
+      return this.state === "transparent" || this.state === "closed" ? "done" : "more";
+    });
+  }
+
+  /** --auth proxy: the server connection logs in with the proxy's own credential. */
+  logInUpstream(): void {
+    const role = this.upstreamParams!.get("user")!;
+    logIn(this.server!, { params: this.upstreamParams!, password: upstreamPasswordFor(this.config, role) }, (result) => this.dispatch("server:login", result));
+  }
+
+  private get upstreamLogin(): string {
+    return `login as ${this.upstreamParams?.get("user")}@${this.upstreamParams?.get("database")}`;
+  }
+
+  upstreamLoginFailed(result: Extract<LoginResult, { ok: false }>): void {
+    this.log.error(`could not log in to PostgreSQL with the proxy's credential (${this.upstreamLogin}): ${result.message}`, { event: "upstream_login_failed" });
+    if (result.refused) this.ctx.health.report(this.upstreamLogin, result.message);
+  }
+
+  upstreamLoginSucceeded(): void {
+    this.ctx.health.report(this.upstreamLogin, undefined);
+  }
+
+  /** ParameterStatus messages the server sent at login, for the client. */
+  serverParameters(): Iterable<Uint8Array> {
+    return this.server!.parameters.values();
+  }
+
+  setServerKey(key: CancelKey): void {
+    this.server!.key = key;
+  }
+
+  get hasServerKey(): boolean {
+    return this.server?.key !== undefined;
+  }
+
+  /** Run the context round on the server connection; the lifecycle hears "context:done". */
+  establishContext(): State {
+    const id = this.identity as Extract<Identity, { kind: "tenant" }>;
+    this.contextStartedAt = performance.now();
+    establishContext(
+      this.server!,
+      { rules: this.config, identity: id, key: this.ctx.contextKey, database: this.upstreamParams?.get("database") ?? id.role },
+      (raw) => this.toClient(raw),
+      (result) => this.dispatch("context:done", result),
+    );
+    return "injecting";
+  }
+
+  /** Milliseconds the context round took (for the debug log). */
+  contextMs(): number {
+    return performance.now() - this.contextStartedAt;
   }
 
   issueCancelKey(): CancelKey {
@@ -419,15 +538,15 @@ export class Session implements ServerOwner {
 
   /** Someone asked to cancel what this session's server is running. */
   cancel(): void {
-    if (!this.serverKey) return;
+    const key = this.server?.key;
+    if (!key) return;
     this.log.info("forwarding cancel request");
-    if (this.upstream) this.ctx.sendCancel(this.upstream, this.serverKey.processId, this.serverKey.secretKey);
+    if (this.upstream) this.ctx.sendCancel(this.upstream, key.processId, key.secretKey);
   }
 
   goTransparent(): State {
     clearTimeout(this.timer);
     this.timer = undefined;
-    this.serverFrames = undefined;
     if (this.clientFrames) {
       if (this.clientFrames.buffered > 0) this.heldClient.push(this.clientFrames.drain());
       this.clientFrames = undefined;
@@ -463,10 +582,11 @@ export class Session implements ServerOwner {
     clearTimeout(this.timer);
     if (this.cancelKey) this.ctx.cancelKeys.release(this.cancelKey);
     // A client gone mid-query must not leave its backend running the query.
-    if (this.tracker?.busy && this.serverKey) this.cancel();
+    if (this.tracker?.busy) this.cancel();
     this.server?.end();
     this.server = undefined;
-    this.clientFrames = this.serverFrames = undefined;
+    this.clientFrames = undefined;
+    this.clientAuth = undefined;
     // What is still queued for the client goes out first (Outbox calls end
     // on clear), but a client that stopped reading does not keep its socket.
     if (this.out.backlog === 0) this.transport.end();

@@ -9,14 +9,20 @@
  * - startProxy(): spawn `multigres start --listen 127.0.0.1:0 --upstream …`,
  *   wait for its "listening on HOST:PORT" log line, capture stdout+stderr
  *   for the whole run, and make sure the process dies with the test process.
+ *   Unless told otherwise the proxy authenticates clients itself (`--auth
+ *   proxy`, the default) against HARNESS_AUTH_FILE, which gives every
+ *   fixture role its PASSWORDS entry as the client password, and logs in
+ *   upstream with HARNESS_UPSTREAM_FILE (each role's database password).
+ *   `auth: "passthrough"` relays authentication to PostgreSQL instead.
  *
  * Set MULTIGRES_TEST_PROXY_LOGS=1 to print every proxy's output when it stops.
  */
-import { existsSync, mkdirSync, readdirSync, statSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Subprocess } from "bun";
 import { onCleanup } from "./cleanup.ts";
-import { buildUrl, CONTEXT_SECRET, REPO_ROOT, type PgInstance, type UrlOptions } from "./postgres.ts";
+import { APP_ROLES, buildUrl, CONTEXT_SECRET, PASSWORDS, REPO_ROOT, type PgInstance, type UrlOptions } from "./postgres.ts";
 
 export const DEFAULT_BIN = join(REPO_ROOT, "dist", "multigres");
 export const BIN = process.env.MULTIGRES_BIN ?? DEFAULT_BIN;
@@ -89,6 +95,26 @@ if (import.meta.main && process.argv.includes("--build-if-stale")) {
 
 // ---------------------------------------------------------------------------
 
+/** A private directory for this test process's files, removed when it exits. */
+export const TEST_DIR = mkdtempSync(join(tmpdir(), "multigres-test-"));
+onCleanup(() => rmSync(TEST_DIR, { recursive: true, force: true }));
+
+let fileCount = 0;
+/** Write `text` to a new file in TEST_DIR (mode 0600); returns its path. */
+export function writeTestFile(name: string, text: string): string {
+  const path = join(TEST_DIR, `${++fileCount}-${name}`);
+  writeFileSync(path, text, { mode: 0o600 });
+  return path;
+}
+
+/** A userlist line, quoting as PgBouncer's format wants. */
+export const userlistLine = (user: string, secret: string) => `"${user.replace(/"/g, '""')}" "${secret.replace(/"/g, '""')}"`;
+
+/** Client credentials of every harness proxy: each fixture role with its PASSWORDS entry (shared by its tenants). */
+export const HARNESS_AUTH_FILE = writeTestFile("userlist.txt", `${APP_ROLES.map((r) => userlistLine(r, PASSWORDS[r])).join("\n")}\n`);
+/** The proxy's upstream credential: each role's database password. */
+export const HARNESS_UPSTREAM_FILE = writeTestFile("upstream.txt", `${APP_ROLES.map((r) => userlistLine(r, PASSWORDS[r])).join("\n")}\n`);
+
 export interface ProxyOptions {
   upstreamPort: number;
   upstreamHost?: string;
@@ -103,6 +129,12 @@ export interface ProxyOptions {
   env?: Record<string, string>;
   /** How long to wait for the "listening on" line (default 20 s). */
   startTimeoutMs?: number;
+  /**
+   * "proxy" (default): unless args/env name their own client credentials,
+   * add --auth-file HARNESS_AUTH_FILE and --upstream-password-file
+   * HARNESS_UPSTREAM_FILE. "passthrough": --auth passthrough.
+   */
+  auth?: "proxy" | "passthrough";
 }
 
 export interface ProxyHandle {
@@ -145,7 +177,7 @@ export async function startProxy(opts: ProxyOptions): Promise<ProxyHandle> {
   const upstream = `${opts.upstreamHost ?? "127.0.0.1"}:${opts.upstreamPort}`;
   // The health listener defaults to a fixed port; tests run many proxies at once.
   const http = opts.args?.includes("--http") ? [] : ["--http", "127.0.0.1:0"];
-  const cmd = [bin, "start", "--listen", "127.0.0.1:0", "--upstream", upstream, ...http, ...(opts.args ?? [])];
+  const cmd = [bin, "start", "--listen", "127.0.0.1:0", "--upstream", upstream, ...http, ...authArgs(opts), ...(opts.args ?? [])];
 
   const env: Record<string, string> = {};
   for (const [k, v] of Object.entries(process.env)) {
@@ -243,6 +275,20 @@ export async function startProxy(opts: ProxyOptions): Promise<ProxyHandle> {
     exited,
     stop,
   };
+}
+
+/** The harness's default credentials, unless the test brings its own. */
+function authArgs(opts: ProxyOptions): string[] {
+  if (opts.auth === "passthrough") return ["--auth", "passthrough"];
+  const named = (flag: string, env: string) => opts.args?.includes(flag) || opts.env?.[env] !== undefined;
+  const out: string[] = [];
+  if (!named("--auth", "MULTIGRES_AUTH") && !named("--auth-file", "MULTIGRES_AUTH_FILE") && !named("--tenant-auth", "MULTIGRES_TENANT_AUTH")) {
+    out.push("--auth-file", HARNESS_AUTH_FILE);
+  }
+  if (!named("--upstream-password-file", "MULTIGRES_UPSTREAM_PASSWORD_FILE") && opts.env?.MULTIGRES_UPSTREAM_PASSWORD === undefined) {
+    out.push("--upstream-password-file", HARNESS_UPSTREAM_FILE);
+  }
+  return out;
 }
 
 /** startProxy in front of a harness PostgreSQL, url() defaulting to its fixture database. */

@@ -75,8 +75,8 @@ describe("context secret rotation", () => {
 
     const after = tenantClient();
     expect(await visible(after)).toEqual(["acme 1", "acme 2"]);
-    const [{ pid, sig }] = (await after`select pg_backend_pid() as pid, current_setting('app.current_tenant_id_sig') as sig`) as unknown as [{ pid: number; sig: string }];
-    expect(sig).toBe(signContext(newKey, "acme", pid));
+    const [{ binding, sig }] = (await after`select multigres.backend_binding() as binding, current_setting('app.current_tenant_id_sig') as sig`) as unknown as [{ binding: string; sig: string }];
+    expect(sig).toBe(signContext(newKey, "acme", binding));
 
     // The session from before the rotation is untouched.
     expect(await visible(before)).toEqual(["acme 1", "acme 2"]);
@@ -92,7 +92,7 @@ describe("context secret rotation", () => {
   test("an unreadable secret file on SIGHUP keeps the running config", async () => {
     rmSync(join(dir, "secret"));
     process.kill(proxy.pid, "SIGHUP");
-    await proxy.waitForLog(/configuration not reloaded:[\s\S]*cannot read the context secret file/);
+    await proxy.waitForLog(/configuration not reloaded:[\s\S]*cannot read --context-secret-file/);
     expect(await visible(tenantClient())).toEqual(["acme 1", "acme 2"]);
     expect(proxy.logs()).not.toContain(NEW_SECRET);
   });

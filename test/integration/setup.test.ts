@@ -324,8 +324,8 @@ describe("--tenant-setting", () => {
     expect(r.exitCode, describeCli(r)).toBe(0);
 
     await scratch.as(db.name, async (sql) => {
-      const [{ pid }] = (await sql`SELECT pg_backend_pid() AS pid`) as unknown as [{ pid: number }];
-      const sig = signContext(deriveContextKey(SECRET_A), "acme", pid);
+      const [{ binding }] = (await sql`SELECT multigres.backend_binding() AS binding`) as unknown as [{ binding: string }];
+      const sig = signContext(deriveContextKey(SECRET_A), "acme", binding);
       await sql`SELECT set_config('myapp.tenant', 'acme', false), set_config('myapp.tenant_sig', ${sig}, false)`;
       const [ok] = await sql`SELECT current_tenant_id() AS t`;
       expect(ok?.t).toBe("acme");

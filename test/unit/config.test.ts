@@ -12,14 +12,17 @@ import { afterAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { ConfigError, OPTIONS, readConfigFile, resolveConfig as resolveRaw, type Sources } from "../../src/config.ts";
+import { ConfigError, OPTIONS, readConfigFile, resolveConfig as resolveRaw, upstreamPasswordFor, type Sources } from "../../src/config.ts";
 
 /** A valid context secret (required, at least 32 characters). */
 const SECRET = "s".repeat(32);
 
-/** resolveConfig with the required secret supplied through the environment unless a test sets it. */
+/** An auth file path: --auth proxy (the default) needs client credentials; resolveConfig does not read the file. */
+const AUTH_FILE = "/etc/multigres/userlist.txt";
+
+/** resolveConfig with the required secret and an auth file supplied through the environment unless a test sets them. */
 function resolveConfig(sources: Sources) {
-  return resolveRaw({ ...sources, env: { MULTIGRES_CONTEXT_SECRET: SECRET, ...sources.env } });
+  return resolveRaw({ ...sources, env: { MULTIGRES_CONTEXT_SECRET: SECRET, MULTIGRES_AUTH_FILE: AUTH_FILE, ...sources.env } });
 }
 
 const dir = mkdtempSync(join(tmpdir(), "multigres-config-test-"));
@@ -122,7 +125,7 @@ describe("precedence: flags > environment > file > default", () => {
     expect(resolveConfig({ flags: { "startup-timeout": "0" } }).startupTimeout).toBe(0);
   });
 
-  test("every option of v0.1 can be set from each source", () => {
+  test("every option of v0.1 and the auth options of 0.3 can be set from each source (secrets: not as flags)", () => {
     const values: Record<string, string> = {
       listen: "127.0.0.1:7000",
       upstream: "db.internal:5433",
@@ -136,8 +139,27 @@ describe("precedence: flags > environment > file > default", () => {
       contextSecret: "f".repeat(40),
       guard: "off",
       logLevel: "debug",
+      databases: "app",
+      auth: "proxy",
+      authFile: "/etc/multigres/users.txt",
+      authMethod: "password",
+      tenantAuth: "token",
+      tokenSecret: "k".repeat(40),
+      upstreamPassword: "upstream-pw",
+      upstreamCert: "/etc/multigres/client.crt",
+      upstreamKey: "/etc/multigres/client.key",
+      guardMaxStatement: "4096",
     };
     const check = (c: ReturnType<typeof resolveConfig>) => {
+      expect(c.databases).toEqual(["app"]);
+      expect(c.auth).toBe("proxy");
+      expect(c.authFile).toBe("/etc/multigres/users.txt");
+      expect(c.authMethod).toBe("password");
+      expect(c.tenantAuth).toBe("token");
+      expect(c.tokenSecret).toBe("k".repeat(40));
+      expect(c.upstreamPassword).toBe("upstream-pw");
+      expect([c.upstreamCert, c.upstreamKey]).toEqual(["/etc/multigres/client.crt", "/etc/multigres/client.key"]);
+      expect(c.guardMaxStatement).toBe(4096);
       expect(c.listen).toEqual({ host: "127.0.0.1", port: 7000 });
       expect(c.upstream).toEqual({ host: "db.internal", port: 5433 });
       expect(c.separator).toBe("@");
@@ -160,7 +182,7 @@ describe("precedence: flags > environment > file > default", () => {
       env[o.env] = v!;
       data[o.file] = o.list ? [v] : v;
     }
-    check(resolveConfig({ flags }));
+    check(resolveConfig({ flags, env: { MULTIGRES_TOKEN_SECRET: values.tokenSecret!, MULTIGRES_UPSTREAM_PASSWORD: values.upstreamPassword! } }));
     const fromEnv = resolveRaw({ env });
     check(fromEnv);
     expect(fromEnv.contextSecret).toBe(values.contextSecret!);
@@ -340,5 +362,61 @@ describe("readConfigFile", () => {
     const err = await readConfigFile(path).catch((e) => e);
     expect(err).toBeInstanceOf(ConfigError);
     expect(err.problems[0]).toStartWith(`${path}: not valid TOML`);
+  });
+});
+
+describe("authentication options (0.3)", () => {
+  test("defaults: the proxy authenticates (SCRAM, shared role entries), guard reads statements up to 1 MiB", () => {
+    const c = resolveConfig({});
+    expect([c.auth, c.authMethod, c.tenantAuth, c.guardMaxStatement, c.databases]).toEqual(["proxy", "scram-sha-256", "shared", 1 << 20, []]);
+  });
+
+  test("--auth proxy without client credentials says what to configure, passthrough needs none", () => {
+    const p = problems({ env: { MULTIGRES_CONTEXT_SECRET: SECRET } }, true);
+    expect(p).toHaveLength(1);
+    expect(p[0]).toContain("--auth-file FILE, or --tenant-auth token with MULTIGRES_TOKEN_SECRET; --auth passthrough");
+    expect(resolveRaw({ env: { MULTIGRES_CONTEXT_SECRET: SECRET, MULTIGRES_AUTH: "passthrough" } }).auth).toBe("passthrough");
+    expect(resolveRaw({ env: { MULTIGRES_CONTEXT_SECRET: SECRET, MULTIGRES_TENANT_AUTH: "token", MULTIGRES_TOKEN_SECRET: "k".repeat(32) } }).tenantAuth).toBe("token");
+  });
+
+  test("token mode needs a token secret of 32+ characters, which is never shown", () => {
+    expect(problems({ env: { MULTIGRES_TENANT_AUTH: "token" } }).join("\n")).toContain("--tenant-auth token needs MULTIGRES_TOKEN_SECRET");
+    const short = problems({ env: { MULTIGRES_TENANT_AUTH: "token", MULTIGRES_TOKEN_SECRET: "short-token-secret" } });
+    expect(short.join("\n")).toContain("at least 32 characters");
+    expect(short.join("\n")).toContain("(hidden)");
+    expect(short.join("\n")).not.toContain("short-token-secret");
+  });
+
+  test("secrets have no flags; files for them do", () => {
+    for (const key of ["tokenSecret", "upstreamPassword", "contextSecret"]) expect(OPTIONS.find((o) => o.key === key)?.flag).toBeUndefined();
+    for (const flag of ["token-secret-file", "upstream-password-file", "context-secret-file"]) expect(OPTIONS.some((o) => o.flag === flag)).toBe(true);
+  });
+
+  test("a secret file's text wins; an upstream password file keeps inner lines (a password per role)", () => {
+    const c = resolveConfig({
+      env: { MULTIGRES_TENANT_AUTH: "token" },
+      secretFiles: {
+        tokenSecret: { path: "/run/secrets/token", text: `${"x".repeat(40)}\n` },
+        upstreamPassword: { path: "/run/secrets/upstream", text: `"app_user" "a-pw"\n"reader" "r-pw"\n` },
+      },
+    });
+    expect(c.tokenSecret).toBe("x".repeat(40));
+    expect(upstreamPasswordFor(c, "app_user")).toBe("a-pw");
+    expect(upstreamPasswordFor(c, "reader")).toBe("r-pw");
+    expect(upstreamPasswordFor(c, "nobody")).toBeUndefined();
+    expect(upstreamPasswordFor({ upstreamPassword: " one password for all " }, "anyone")).toBe(" one password for all ");
+    expect(upstreamPasswordFor({ upstreamPassword: undefined }, "anyone")).toBeUndefined();
+  });
+
+  test("invalid choices and pairs", () => {
+    const p = problems({
+      flags: { auth: "relay", "auth-method": "md5", "tenant-auth": "jwt", "upstream-cert": "/c.crt", "guard-max-statement": "10" },
+    });
+    expect(p.join("\n")).toContain('--auth: must be "proxy" or "passthrough"');
+    expect(p.join("\n")).toContain('--auth-method: must be "scram-sha-256" or "password"');
+    expect(p.join("\n")).toContain('--tenant-auth: must be "shared" or "token"');
+    expect(p.join("\n")).toContain("--guard-max-statement: must be at least 1024 bytes");
+    expect(problems({ flags: { "upstream-cert": "/c.crt" } }).join("\n")).toContain("--upstream-cert and --upstream-key go together");
+    expect(problems({ flags: { "upstream-cert": "/c.crt", "upstream-key": "/c.key", "upstream-tls": "disable" } }).join("\n")).toContain("needs TLS to the upstream");
   });
 });

@@ -8,7 +8,7 @@ const bytes = (s: string) => new TextEncoder().encode(s);
 
 describe("guard byte filter", () => {
   test("lets the forbidden forms through to the rules", () => {
-    for (const q of ["SET ROLE x", "reset all", "select pg_catalog.SET_CONFIG('role','x',false)", "DISCARD ALL", "alter role a set app.current_tenant_id = 'x'", `select U&"s\\0065t_config"('role', 'x', false)`]) {
+    for (const q of ["SET ROLE x", "reset all", "select pg_catalog.SET_CONFIG('role','x',false)", "DISCARD ALL", "alter role a set app.current_tenant_id = 'x'", `select U&"s\\0065t_config"('role', 'x', false)`, "ALTER USER a PASSWORD 'x'", "CREATE GROUP g", "drop user u"]) {
       expect(mayBeForbidden(bytes(q))).toBe(true);
     }
   });
@@ -29,14 +29,14 @@ describe("guard byte filter", () => {
       { numRuns: 5000 },
     );
     // the words straddling the window's edges do not count
-    const q = bytes("xxSET ROLE yy");
+    const q = bytes("xxSET LOCAL yy");
     expect(mayBeForbidden(q, 3, q.length)).toBe(false);
     expect(mayBeForbidden(q, 0, 4)).toBe(false);
     expect(mayBeForbidden(q, 2, 5)).toBe(true);
   });
 
   test("never hides a statement the rules would refuse", () => {
-    const word = fc.constantFrom("set", "SET", "reset", "role", "all", "discard", "select", "set_config", "(", "'role'", ",", "'x'", "false", ")", ";", "app.current_tenant_id", "session", "authorization", "alter", "do", "$$", "begin", "end", "u&", '"', "\\0065");
+    const word = fc.constantFrom("set", "SET", "reset", "role", "all", "discard", "select", "set_config", "(", "'role'", ",", "'x'", "false", ")", ";", "app.current_tenant_id", "session", "authorization", "alter", "do", "$$", "begin", "end", "u&", '"', "\\0065", "user", "USER", "group", "create", "drop", "mapping", "lower", "$1", "||", "password");
     fc.assert(
       fc.property(fc.array(word, { maxLength: 12 }), (words) => {
         const sql = words.join(" ");

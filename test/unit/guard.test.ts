@@ -10,7 +10,8 @@
  *
  * Rules: every forbidden form is refused (SET/RESET of the tenant setting,
  * its signature, role, session authorization; RESET ALL; DISCARD ALL;
- * set_config('<protected>', …) anywhere; ALTER ROLE … SET/RESET of them; the
+ * set_config('<protected>', …) anywhere and set_config with a computed name;
+ * ALTER/CREATE/DROP ROLE, USER and GROUP in every form; the
  * same inside DO blocks and function bodies; a forbidden statement after
  * others in one string, including the standard_conforming_strings = off
  * trick), case-insensitively and however the name is quoted or spelled as a
@@ -256,6 +257,36 @@ const FORBIDDEN: Record<string, string[]> = {
     `SET U&"r\\006Fle" = postgres`,
     `SET U&"app.current\\005Ftenant_id" = 'tenant_b'`,
   ],
+  "ALTER/CREATE/DROP ROLE, USER, GROUP, in every form": [
+    "ALTER ROLE app_user PASSWORD 'x'",
+    "alter role current_user with password 'x'",
+    "ALTER USER app_user WITH ENCRYPTED PASSWORD 'x'",
+    "ALTER ROLE app_user VALID UNTIL 'infinity'",
+    "ALTER ROLE app_user RENAME TO other",
+    "ALTER ROLE app_user SET statement_timeout = 0",
+    "ALTER ROLE app_user RESET search_path",
+    "ALTER ROLE app_user SET search_path = pg_temp, public",
+    "ALTER GROUP staff ADD USER app_user",
+    "CREATE ROLE evil LOGIN PASSWORD 'x'",
+    "create user evil",
+    "CREATE GROUP evil",
+    "DROP ROLE someone",
+    "DROP USER IF EXISTS someone",
+    "drop group g",
+    "select 1; ALTER ROLE app_user PASSWORD 'x'",
+    "DO $$ BEGIN ALTER ROLE app_user PASSWORD 'x'; END $$",
+    "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$ BEGIN CREATE ROLE evil; END $$",
+  ],
+  "set_config whose name is not one string literal": [
+    "select set_config(lower('ROLE'), 'none', false)",
+    "select set_config(lower('APP.CURRENT_TENANT_ID_SIG'), '', false)",
+    "select set_config($1, $2, false)",
+    "select set_config('app.' || 'current_tenant_id', 'b', false)",
+    "select set_config((select 'role'), 'x', false)",
+    "select set_config(name, setting, false) from pg_settings",
+    "select set_config(concat('ro', 'le'), 'x', false)",
+    "select set_config(",
+  ],
   "ALTER ROLE … SET/RESET": [
     "ALTER ROLE app_user SET app.current_tenant_id = 'tenant_b'",
     "ALTER ROLE app_user SET app.current_tenant_id TO 'tenant_b'",
@@ -356,8 +387,17 @@ const ALLOWED: Record<string, string[]> = {
     "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
     "RESET statement_timeout",
     "RESET search_path",
-    "ALTER ROLE app_user SET statement_timeout = 0",
-    "ALTER ROLE app_user RESET search_path",
+    "select set_config('app.other', $1, false)",
+    "select set_config('search_path', $1 || ', public', true)",
+  ],
+  "foreign-data user mappings and tables named like roles": [
+    "CREATE USER MAPPING FOR app_user SERVER s OPTIONS (user 'x')",
+    "ALTER USER MAPPING FOR app_user SERVER s OPTIONS (SET password 'y')",
+    "DROP USER MAPPING IF EXISTS FOR app_user SERVER s",
+    "SELECT * FROM users WHERE role = 'admin'",
+    "select u.user_id, g.group_id from users u join groups g using (id)",
+    "CREATE TABLE roles (id int)",
+    "DROP TABLE user_groups",
   ],
   "reading is fine": [
     "SHOW role",

@@ -17,7 +17,8 @@ import fc from "fast-check";
 import { resolveConfig } from "../../src/config.ts";
 import { forbiddenStartupParameter, optionSettings, resolveIdentity, type IdentityRules } from "../../src/tenant/identity.ts";
 
-const defaults = resolveConfig({ env: { MULTIGRES_CONTEXT_SECRET: "s".repeat(32) } });
+const ENV = { MULTIGRES_CONTEXT_SECRET: "s".repeat(32), MULTIGRES_AUTH_FILE: "/etc/multigres/userlist.txt" };
+const defaults = resolveConfig({ env: ENV });
 const rules: IdentityRules = {
   separator: defaults.separator,
   tenantPattern: defaults.tenantPattern,
@@ -133,7 +134,7 @@ describe("resolveIdentity: rejections", () => {
   });
 
   test("a custom pattern (anchored by the config) is applied in full", () => {
-    const custom = resolveConfig({ flags: { "tenant-pattern": "t[0-9]+" }, env: { MULTIGRES_CONTEXT_SECRET: "s".repeat(32) } }).tenantPattern;
+    const custom = resolveConfig({ flags: { "tenant-pattern": "t[0-9]+" }, env: ENV }).tenantPattern;
     const r = { ...rules, tenantPattern: custom };
     expect(resolveIdentity("app_user.t42", r)).toMatchObject({ tenant: "t42" });
     expect(resolveIdentity("app_user.xt42", r).kind).toBe("rejected");
