@@ -14,7 +14,9 @@
  */
 import { PGlite } from "@electric-sql/pglite";
 import { randomBytes } from "node:crypto";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { deriveContextKey } from "../src/tenant/context.ts";
 import { PGliteSessionServer } from "./pglite-server.ts";
@@ -25,7 +27,8 @@ const DEFAULT_HTTP = "127.0.0.1:9187"; // the proxy's /healthz listener
 const DEFAULT_TENANT_SETTING = "app.current_tenant_id";
 const APP_ROLE = "app_user";
 const TENANTS = ["acme", "globex"] as const;
-const PGLITE_PASSWORD = "dev"; // any password does: PGlite checks none
+/** The demo role's password at the proxy (its auth file); PGlite itself checks none. */
+const DEV_PASSWORD = "dev";
 
 const HELP = `bun run dev [--listen HOST:PORT] [--upstream HOST:PORT] [multigres start flags…]
 
@@ -41,9 +44,12 @@ prints connection strings for the tenants "acme" and "globex".
                          that port is taken, a free one is used)
 
 Any other flag is passed to \`multigres start\` (see \`bun src/index.ts --help\`).
-With PGlite, dev mode makes up MULTIGRES_CONTEXT_SECRET (or uses the one set) and
-stores its key in the database. With --upstream, set MULTIGRES_CONTEXT_SECRET to
-the secret the database's key came from (\`multigres setup\` prints it).`;
+With PGlite, dev mode makes up MULTIGRES_CONTEXT_SECRET (or uses the one set),
+stores its key in the database, and gives the proxy an auth file in which
+app_user's password is "${DEV_PASSWORD}". With --upstream, set MULTIGRES_CONTEXT_SECRET to
+the secret the database's key came from (\`multigres setup\` prints it);
+authentication is relayed to that server (--auth passthrough) unless you pass
+--auth-file or --tenant-auth.`;
 
 // ------------------------------------------------------------------ args
 
@@ -186,7 +192,7 @@ export function banner(o: {
 }): string {
   const hostPort = `${urlHost(o.proxyHost)}:${o.proxyPort}`;
   const user = (tenant: string) => encodeURIComponent(`${APP_ROLE}${o.separator}${tenant}`);
-  const password = o.embedded ? `:${PGLITE_PASSWORD}` : "";
+  const password = o.embedded ? `:${DEV_PASSWORD}` : "";
   const width = Math.max(...TENANTS.map((t) => t.length), "superuser".length) + 2;
   const lines = [
     "",
@@ -199,22 +205,24 @@ export function banner(o: {
     `  ${"superuser".padEnd(width)}postgres://postgres${password}@${hostPort}/postgres   (bypass: no tenant, sees every row)`,
     "",
     "psql:",
-    ...TENANTS.map((t) => `  psql "postgres://${user(t)}@${hostPort}/postgres?sslmode=disable"`),
+    ...TENANTS.map((t) => `  psql "postgres://${user(t)}${password}@${hostPort}/postgres?sslmode=disable"`),
     "",
     "Try:  SELECT * FROM projects;   SELECT * FROM tasks;   (each tenant sees only its own rows)",
   ];
   if (o.embedded) {
     lines.push(
       "",
-      "Embedded server: any password is accepted; all connections share one PGlite backend, so one",
+      `The proxy checks the tenants' password ("${DEV_PASSWORD}", from its auth file); the superuser's goes to`,
+      "the embedded server, which accepts any. All connections share one PGlite backend, so one",
       "statement runs at a time and an open transaction makes the other connections wait until it ends;",
       "no cancel, no TLS; LISTEN/NOTIFY, temp tables and SQL PREPARE are shared. Data lives in memory.",
     );
   } else {
     lines.push(
       "",
-      `Use app_user's real password and your database name. The upstream needs sql/setup.sql, the context key`,
-      `for MULTIGRES_CONTEXT_SECRET and, for the tables above, scripts/demo.sql.`,
+      `Use app_user's real password and your database name (authentication is relayed to the server unless`,
+      `you passed --auth-file or --tenant-auth). The upstream needs sql/setup.sql, the context key for`,
+      `MULTIGRES_CONTEXT_SECRET and, for the tables above, scripts/demo.sql.`,
     );
   }
   lines.push("", "Ctrl-C stops everything.", "");
@@ -278,6 +286,20 @@ async function main(): Promise<number> {
   let embedded: EmbeddedPostgres | undefined;
   let upstream = args.upstream;
   const env: Record<string, string | undefined> = { ...process.env };
+  const ownAuth = args.passthrough.some((a) => /^--(auth|auth-file|tenant-auth)(=|$)/.test(a)) || env.MULTIGRES_AUTH_FILE || env.MULTIGRES_AUTH;
+  let scratch: string | undefined;
+  if (!ownAuth && upstream === undefined) {
+    // The proxy authenticates the demo tenants itself, as in production.
+    scratch = mkdtempSync(join(tmpdir(), "multigres-dev-"));
+    const authFile = join(scratch, "userlist.txt");
+    writeFileSync(authFile, `"${APP_ROLE}" "${DEV_PASSWORD}"\n`, { mode: 0o600 });
+    extra.push("--auth-file", authFile);
+    env.MULTIGRES_UPSTREAM_PASSWORD ??= DEV_PASSWORD;
+    // The startup check then proves the embedded database ready (its log line).
+    if (!args.passthrough.some((a) => a.startsWith("--database"))) extra.push("--database", "postgres");
+  } else if (!ownAuth) {
+    extra.push("--auth", "passthrough");
+  }
   let crashed: Error | undefined;
   let onCrash = (_: Error) => {};
   if (upstream === undefined) {
@@ -351,6 +373,7 @@ async function main(): Promise<number> {
   const code = await child.exited;
   await output;
   if (embedded) await embedded.stop();
+  if (scratch) rmSync(scratch, { recursive: true, force: true });
   if (crashed) return 1;
   if (stopping) {
     console.error("dev: stopped");

@@ -242,6 +242,7 @@ function loggedIn(s: Session, result: LoginResult): State {
     return s.fail(errors.upstreamLoginFailed(s.upstreamParams!.get("user")!));
   }
   s.upstreamLoginSucceeded();
+  if (!s.hasServerKey) return s.fail(errors.noBackendKeyData());
   // What the client would have seen from the server: its parameters and a key.
   for (const raw of s.serverParameters()) s.toClient(raw);
   s.toClient(backendKeyData(s.issueCancelKey()));

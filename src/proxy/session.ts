@@ -252,13 +252,13 @@ export class Session implements ServerOwner {
   }
 
   serverClosed(error?: Error): void {
-    this.server = undefined;
+    // The connection stays referenced (ended): its backend may still be
+    // running this client's query, and close() cancels it with its key.
     if (error) this.log.debug(`upstream closed: ${error.message}`);
     this.dispatch("server:closed", undefined);
   }
 
   serverUnreachable(error: Error): void {
-    this.server = undefined;
     this.dispatch("server:unreachable", error);
   }
 

@@ -104,6 +104,12 @@ export const NOTES = {
   tenant_b: ["b: first note", "b: second note"],
 } as const;
 export const TENANT_A = "tenant_a";
+
+/** The client password of `<role>.<tenant>` (or of a role) at a harness proxy: its role's PASSWORDS entry. */
+export function passwordFor(user: string): string | undefined {
+  const role = user.includes(".") ? user.slice(0, user.lastIndexOf(".")) : user;
+  return (PASSWORDS as Record<string, string>)[role];
+}
 export const TENANT_B = "tenant_b";
 
 export interface UrlOptions {

@@ -5,6 +5,7 @@
  * that says what arrived). Subclasses keep the bytes their own way.
  */
 import { createConnection, type Socket } from "node:net";
+import { AuthAnswers } from "./scram.ts";
 
 /** One backend message as raw clients read it. */
 export interface Message {
@@ -148,5 +149,38 @@ export abstract class RawSocket {
   /** Wait for the peer to close the connection (FIN or reset). */
   waitClosed(what = "the peer to close the connection", timeoutMs = this.timeoutMs): Promise<void> {
     return this.waitFor(() => this.peerClosed, what, timeoutMs);
+  }
+}
+
+type Read = (what: string) => Promise<Message>;
+type Send = (bytes: Uint8Array) => Promise<void>;
+
+/**
+ * Answer authentication requests as `user` with `password` (SCRAM,
+ * cleartext or MD5, test/harness/scram.ts) up to AuthenticationOk, which
+ * is returned; what follows is left unread. An ErrorResponse throws. Trust
+ * (AuthenticationOk at once) needs no password.
+ */
+export async function authenticate(read: Read, send: Send, password: string | undefined, user = ""): Promise<Message> {
+  const answers = password === undefined ? undefined : new AuthAnswers(password, user);
+  for (;;) {
+    const m = await read(`authentication of ${user || "the client"}`);
+    if (m.type === "E") throw new Error(`ErrorResponse during authentication: ${JSON.stringify(errorFields(m.body))}`);
+    if (m.type !== "R") throw new Error(`expected an authentication message, got '${m.type}'`);
+    if (m.body.readInt32BE(0) === 0) return m;
+    if (!answers) throw new Error(`the server asks for authentication (method ${m.body.readInt32BE(0)}) and the test has no password`);
+    const reply = answers.answer(m.body);
+    if (reply) await send(reply);
+  }
+}
+
+/** authenticate(), then read up to ReadyForQuery; returns the messages from AuthenticationOk on. */
+export async function authenticateToReady(read: Read, send: Send, password: string | undefined, user = ""): Promise<Message[]> {
+  const out = [await authenticate(read, send, password, user)];
+  for (;;) {
+    const m = await read("startup to reach ReadyForQuery");
+    if (m.type === "E") throw new Error(`ErrorResponse during startup: ${JSON.stringify(errorFields(m.body))}`);
+    out.push(m);
+    if (m.type === "Z") return out;
   }
 }

@@ -137,11 +137,18 @@ describe("bun run dev", () => {
     expect(urls.globex).toBe(`postgres://app_user.globex:dev@127.0.0.1:${proxyPort}/postgres`);
     expect(urls.superuser).toBe(`postgres://postgres:dev@127.0.0.1:${proxyPort}/postgres`);
     expect(psqlUrls).toEqual([
-      `postgres://app_user.acme@127.0.0.1:${proxyPort}/postgres?sslmode=disable`,
-      `postgres://app_user.globex@127.0.0.1:${proxyPort}/postgres?sslmode=disable`,
+      `postgres://app_user.acme:dev@127.0.0.1:${proxyPort}/postgres?sslmode=disable`,
+      `postgres://app_user.globex:dev@127.0.0.1:${proxyPort}/postgres?sslmode=disable`,
     ]);
     expect(proxyPort).toBeGreaterThan(0);
     expect(pglitePort).toBeGreaterThan(0);
+  });
+
+  test("the proxy authenticates the tenants (another password is refused) and checked the embedded database at startup", async () => {
+    const wrong = client(urls.acme.replace(":dev@", ":not-dev@"));
+    const err = await wrong`SELECT 1`.catch((e) => e);
+    expect(`${err.code} ${err.message}`).toBe('28P01 password authentication failed for user "app_user.acme"');
+    await dev.waitFor(/startup check: database "postgres" knows context key [0-9a-f]{12}/, 15_000);
   });
 
   test("postgres.js: each tenant sees only its own rows, also interleaved", async () => {

@@ -4,7 +4,7 @@
  * harness's shared one, a raw wire-protocol client, broken upstreams, and
  * bounded polling.
  */
-import { dataRow, errorFields, RawSocket, type Message } from "../harness/raw-socket.ts";
+import { authenticate, authenticateToReady, dataRow, errorFields, RawSocket, type Message } from "../harness/raw-socket.ts";
 export { errorFields, type Message };
 import { chownSync, existsSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from "node:fs";
 import { createConnection, createServer, type Server, type Socket } from "node:net";
@@ -20,6 +20,7 @@ import {
   HBA_LINES,
   onCleanup,
   PASSWORDS,
+  passwordFor,
   pgTool,
   SETUP_SQL_PATH,
   SUPERUSER,
@@ -381,14 +382,17 @@ export class RawPg extends RawSocket {
     }
   }
 
-  /** StartupMessage as a trust user; resolves at the first ReadyForQuery. */
+  /** Answer the proxy's authentication as `user` (its harness password) up to AuthenticationOk. */
+  async logIn(user: string, timeoutMs = 15_000): Promise<void> {
+    await authenticate((what) => this.readMessage(what, timeoutMs), (b) => this.send(b), passwordFor(user), user);
+  }
+
+  /** StartupMessage, authentication (the user's harness password), up to the first ReadyForQuery. */
   async startup(params: Record<string, string>, timeoutMs = 15_000): Promise<void> {
     await this.send(startupPacket(params));
-    const msgs = await this.readUntil("Z", "startup to finish (ReadyForQuery)", timeoutMs);
-    const auth = msgs.find((m) => m.type === "R");
-    if (!auth || auth.body.readUInt32BE(0) !== 0) {
-      throw new Error(`${this.label}: expected AuthenticationOk (trust), got ${msgs.map((m) => m.type).join("")}`);
-    }
+    const user = params.user ?? "";
+    const msgs = await authenticateToReady((what) => this.readMessage(what, timeoutMs), (b) => this.send(b), passwordFor(user), user);
+    if (msgs[0]?.type !== "R") throw new Error(`${this.label}: expected AuthenticationOk, got ${msgs.map((m) => m.type).join("")}`);
   }
 
   /** Simple query; resolves with the DataRows at ReadyForQuery. */

@@ -375,6 +375,7 @@ describe("upstream unreachable, refusing, silent, black-holed", () => {
     const r = await RawPg.open(p.port, label);
     try {
       await r.send(startupPacket({ user: trustUser("tenant_a"), database: "faults" }));
+      await r.logIn(trustUser("tenant_a")); // the proxy authenticates the client before it goes upstream
       const f = await r.expectError("an unusable upstream", 30_000);
       expect({ label, code: f.C, severity: f.S }).toEqual({ label, code: "08006", severity: "FATAL" });
       return f.M ?? "";
@@ -402,7 +403,7 @@ describe("upstream unreachable, refusing, silent, black-holed", () => {
     const burst = await Promise.all(Array.from({ length: 20 }, (_, i) => expect08006(p, `burst ${i}`)));
     for (const m of burst) expect(m).toMatch(expected);
 
-    const e = await connectError(p.url({ user: trustUser("tenant_a") }), { connect_timeout: 30 });
+    const e = await connectError(p.url({ user: trustUser("tenant_a"), password: PASSWORDS[TRUST_USER] }), { connect_timeout: 30 });
     expect(e.code).toBe("08006");
     expect(e.message).toMatch(expected);
     assertAlive(p);
@@ -491,7 +492,7 @@ describe("a client vanishes mid-statement", () => {
   test("mid-query, psql killed with SIGKILL: the backend exits", async () => {
     const tag = marker("psql");
     const proc = Bun.spawn(
-      [pgTool("psql"), "-X", "-d", p.url({ user: trustUser("tenant_a") }), "-c", `SELECT pg_sleep(60) /* ${tag} */`],
+      [pgTool("psql"), "-X", "-d", p.url({ user: trustUser("tenant_a"), password: PASSWORDS[TRUST_USER] }), "-c", `SELECT pg_sleep(60) /* ${tag} */`],
       { env: libpqEnv(), stdout: "ignore", stderr: "ignore" },
     );
     closers.push(() => proc.kill("SIGKILL"));
@@ -524,7 +525,7 @@ describe("a client vanishes mid-statement", () => {
   test("mid-COPY, psql killed with SIGKILL: the backend exits, nothing is committed", async () => {
     const tag = marker("psqlcopy");
     const proc = Bun.spawn(
-      [pgTool("psql"), "-X", "-v", "ON_ERROR_STOP=1", "-d", p.url({ user: trustUser("tenant_a") }), "-c", `COPY copy_sink (n, note) FROM STDIN /* ${tag} */`],
+      [pgTool("psql"), "-X", "-v", "ON_ERROR_STOP=1", "-d", p.url({ user: trustUser("tenant_a"), password: PASSWORDS[TRUST_USER] }), "-c", `COPY copy_sink (n, note) FROM STDIN /* ${tag} */`],
       { env: libpqEnv(), stdin: "pipe", stdout: "ignore", stderr: "ignore" },
     );
     closers.push(() => proc.kill("SIGKILL"));

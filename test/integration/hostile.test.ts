@@ -48,6 +48,7 @@ import {
   connectError,
   freePort,
   PASSWORDS,
+  passwordFor,
   psql,
   startPostgres,
   startProxy,
@@ -61,7 +62,7 @@ import {
   type ProxyHandle,
   type Tap,
 } from "../harness/index.ts";
-import { errorFields, RawSocket, type Message } from "../harness/raw-socket.ts";
+import { authenticate, authenticateToReady, errorFields, RawSocket, type Message } from "../harness/raw-socket.ts";
 
 // Per file: bun applies setDefaultTimeout only to the file that calls it.
 setDefaultTimeout(120_000);
@@ -276,9 +277,18 @@ function rssKb(pid: number): number | undefined {
   return m ? Number(m[1]) : undefined;
 }
 
-/** Read one full raw startup exchange up to ReadyForQuery for a trust user; returns every message. */
-async function readStartupToReady(c: RawClient): Promise<Message[]> {
-  return c.readUntil("Z", "startup to reach ReadyForQuery");
+/**
+ * Read one raw startup exchange up to ReadyForQuery, authenticating as
+ * `user` with its harness password; returns the messages from
+ * AuthenticationOk on.
+ */
+async function readStartupToReady(c: RawClient, user = `${TRUST_USER}.${TENANT_A}`): Promise<Message[]> {
+  return authenticateToReady((what) => c.readMessage(what), (b) => c.send(b), passwordFor(user), user);
+}
+
+/** Answer the proxy's authentication as `user` up to AuthenticationOk (what follows is left unread). */
+async function logIn(c: RawClient, user = `${TRUST_USER}.${TENANT_A}`): Promise<void> {
+  await authenticate((what) => c.readMessage(what), (b) => c.send(b), passwordFor(user), user);
 }
 
 /** Simple Query on a raw client; returns the rows (text) and the command tag. */
@@ -348,6 +358,10 @@ function oracle(bytes: Buffer): Outcome {
   // PostgreSQL 17 direct TLS: a connection that opens with a TLS handshake
   // record (0x16). The fuzzed proxy has no certificate, so that is refused.
   if (bytes[0] === 0x16) return { kind: "reply", ns: 0, end: "08P01" };
+  // Terminate ('X') before any startup packet: a driver closing a connection
+  // it never used. PostgreSQL closes without a word (the length word would
+  // read as 0x58…, an invalid length it only logs).
+  if (bytes[0] === 0x58) return { kind: "reply", ns: 0, end: "close" };
   let at = 0;
   let ns = 0;
   // Like PostgreSQL: one SSLRequest and one GSSENCRequest per connection;
@@ -551,6 +565,13 @@ describe("malformed lengths and layouts", () => {
   });
   afterAll(async () => {
     await proxy?.stop();
+  });
+
+  test("Terminate before the startup packet: closed without a reply, as PostgreSQL does", async () => {
+    const c = await exchange(proxy.port, typedMessage("X", new Uint8Array(0)), "terminate first");
+    expect(c.received.length).toBe(0);
+    expect(c.peerClosed).toBe(true);
+    await assertHealthy(proxy);
   });
 
   test("protocol 2.0 startup → 08P01 naming the version", async () => {
@@ -920,6 +941,7 @@ describe("upstream down", () => {
     const c = await RawClient.open(proxy.port, "upstream down");
     try {
       await c.send(startupPacket({ user: `${TRUST_USER}.${TENANT_A}`, database: pg.database }));
+      await logIn(c); // the proxy authenticates the client before it connects upstream
       const f = await c.expectError("an unreachable upstream");
       expect(f.C).toBe("08006");
       expect(f.M).toContain(`127.0.0.1:${downPort}`);
@@ -940,6 +962,7 @@ describe("upstream down", () => {
       const c = await RawClient.open(proxy.port, `down ${i}`);
       try {
         await c.send(startupPacket({ user: `${APP_USER}.${TENANT_B}`, database: pg.database }));
+        await logIn(c, `${APP_USER}.${TENANT_B}`);
         return (await c.expectError("an unreachable upstream")).C;
       } finally {
         c.destroy();
@@ -1121,16 +1144,19 @@ describe("misbehaving upstream", () => {
     ["asks for GSSAPI", (s) => s.write(R(7))],
   ];
 
-  for (const [name, b] of behaviours) {
-    test(`upstream ${name}: the client gets an ErrorResponse and a close, the proxy stays up`, async () => {
+  // Passthrough: the client's own login meets the upstream. Proxy: the
+  // client logs in at the proxy, then the proxy's own login meets it.
+  for (const [name, b] of behaviours) for (const auth of ["passthrough", "proxy"] as const) {
+    test(`upstream ${name} (--auth ${auth}): the client gets an ErrorResponse and a close, the proxy stays up`, async () => {
       behave = b;
       // A proxy per case, so that one crash does not hide the verdict on the others.
-      const proxy = await startProxy({ upstreamPort: fakePort });
+      const proxy = await startProxy({ upstreamPort: fakePort, auth });
       try {
         await explainCrash(proxy, async () => {
           const c = await RawClient.open(proxy.port, name);
           try {
             await c.send(startupPacket({ user: `${TRUST_USER}.${TENANT_A}`, database: "db" }));
+            if (auth === "proxy") await logIn(c);
             let m = await c.readMessage(`an ErrorResponse when the upstream ${name}`);
             // AuthenticationOk is relayed before the server's next message is judged.
             if (m.type === "R" && m.body.readInt32BE(0) === 0) m = await c.readMessage(`an ErrorResponse when the upstream ${name}`);
