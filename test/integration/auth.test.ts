@@ -2,18 +2,23 @@
  * Authentication through the compiled proxy, one user per pg_hba method
  * (test/harness/postgres.ts HBA_LINES):
  *
- *   app_user   scram-sha-256   (pass-through: SCRAM ignores the SCRAM user name)
- *   md5_user   md5             (the proxy takes the cleartext password from the
- *                              loopback client and answers the MD5 challenge
- *                              for the rewritten user itself)
- *   clear_user password        (cleartext pass-through)
- *   trust_user trust
- *   postgres   scram-sha-256   (superuser: no rewrite)
+ *   app_user   scram-sha-256   md5_user   md5   clear_user password
+ *   trust_user trust           postgres   scram-sha-256 (superuser: no rewrite)
  *
- * Right password logs in (as the rewritten user, with the tenant context);
- * wrong password yields the server's 28P01. A baseline block runs the same
- * checks straight against Postgres, proving the harness really exercises each
- * method (the server log names the method used for each backend pid).
+ * --auth proxy (the default): the client authenticates at the proxy (SCRAM
+ * against the harness auth file) and the proxy logs in upstream with its own
+ * credential, answering whichever method pg_hba.conf asks for (the server
+ * log shows it); a wrong client password is the proxy's 28P01 naming the
+ * user as typed, and nothing reaches the server. Superusers are relayed.
+ *
+ * --auth passthrough: authentication relayed both ways (SCRAM ignores the
+ * SCRAM user name; for MD5 the proxy takes the cleartext password from the
+ * loopback client and answers the challenge for the rewritten user); a wrong
+ * password is the server's own 28P01.
+ *
+ * A baseline block runs the same checks straight against Postgres, proving
+ * the harness really exercises each method (the server log names the method
+ * used for each backend pid).
  */
 import { afterAll, beforeAll, describe, expect, test, setDefaultTimeout } from "bun:test";
 import {
@@ -43,15 +48,19 @@ const PASSWORD_USERS = [APP_USER, MD5_USER, CLEAR_USER] as const;
 const WRONG = "definitely-not-the-password";
 
 let pg: PgInstance;
-let proxy: ProxyHandle;
+let proxy: ProxyHandle; // --auth passthrough
+let own: ProxyHandle; // --auth proxy
 
 beforeAll(async () => {
   pg = await startPostgres();
-  proxy = await startProxyFor(pg, { args: ["--log-level", "debug"] });
+  [proxy, own] = await Promise.all([
+    startProxyFor(pg, { auth: "passthrough", args: ["--log-level", "debug"] }),
+    startProxyFor(pg, { args: ["--log-level", "debug"] }),
+  ]);
 });
 
 afterAll(async () => {
-  await proxy?.stop();
+  await Promise.all([proxy?.stop(), own?.stop()]);
 });
 
 /**
@@ -92,7 +101,49 @@ describe("direct to PostgreSQL (harness baseline)", () => {
   });
 });
 
-describe("through the proxy: postgres.js", () => {
+describe("--auth proxy: the client authenticates at the proxy, the proxy logs in with each method", () => {
+  for (const user of [...PASSWORD_USERS, TRUST_USER]) {
+    test(`${user}: the client's SCRAM login at the proxy, the proxy's ${AUTH_METHODS[user]} login upstream`, async () => {
+      await withClient(own.url({ user: `${user}.${TENANT_A}`, password: PASSWORDS[user] }), async (sql) => {
+        const [row] = await sql`
+          SELECT current_user AS usr, current_tenant_id() AS tenant, pg_backend_pid() AS pid, (SELECT count(*)::int FROM notes) AS n`;
+        expect({ usr: row!.usr, tenant: row!.tenant, n: row!.n }).toEqual({ usr: user, tenant: TENANT_A, n: NOTES.tenant_a.length });
+        if (pg.mode === "managed" && user !== TRUST_USER) expect(authMethodOf(row!.pid)).toBe(AUTH_METHODS[user]);
+      });
+    });
+
+    test(`${user}: a wrong password is the proxy's 28P01 naming the user as typed; nothing reaches the server`, async () => {
+      // Every TCP connection the server accepts logs "connection received" (log_connections).
+      const connections = () => (pg.serverLog().match(/connection received:/g) ?? []).length;
+      const before = pg.mode === "managed" ? connections() : 0;
+      const err = await connectError(own.url({ user: `${user}.${TENANT_A}`, password: WRONG }));
+      expect(`${err.code} ${err.message}`).toBe(`28P01 password authentication failed for user "${user}.${TENANT_A}"`);
+      await own.waitForLog(new RegExp(`authentication failed for user "${user}\\.${TENANT_A}": password does not match`));
+      if (pg.mode === "managed") expect(connections()).toBe(before);
+    });
+  }
+
+  test("psql and pgbench log in with SCRAM at the proxy", async () => {
+    const r = await psql(own.url({ user: `${MD5_USER}.${TENANT_A}`, password: PASSWORDS[MD5_USER] }), "SELECT current_user, current_tenant_id()");
+    expect(r.exitCode, describeRun(r)).toBe(0);
+    expect(r.stdout.trim()).toBe(`${MD5_USER}|${TENANT_A}`);
+    const bad = await psql(own.url({ user: `${APP_USER}.${TENANT_A}`, password: WRONG }), "SELECT 1");
+    expect(bad.exitCode, describeRun(bad)).toBe(2);
+    expect(bad.stderr).toContain(`password authentication failed for user "${APP_USER}.${TENANT_A}"`);
+  });
+
+  test("the superuser is relayed to PostgreSQL (its own password, pg_hba decides)", async () => {
+    await withClient(own.url({ user: SUPERUSER, password: PASSWORDS[SUPERUSER] }), async (sql) => {
+      const [row] = await sql`SELECT current_user AS usr, pg_backend_pid() AS pid, current_tenant_id() AS tenant`;
+      expect({ usr: row!.usr, tenant: row!.tenant }).toEqual({ usr: SUPERUSER, tenant: null });
+      if (pg.mode === "managed") expect(authMethodOf(row!.pid)).toBe(AUTH_METHODS[SUPERUSER]);
+    });
+    const err = await connectError(own.url({ user: SUPERUSER, password: WRONG }));
+    expect(`${err.code} ${err.message}`).toBe(`28P01 password authentication failed for user "${SUPERUSER}"`);
+  });
+});
+
+describe("--auth passthrough: postgres.js", () => {
   for (const user of PASSWORD_USERS) {
     test(`${user} (${AUTH_METHODS[user]}): right password logs in with tenant context`, async () => {
       await withClient(proxy.url({ user: `${user}.${TENANT_A}`, password: PASSWORDS[user] }), async (sql) => {
@@ -146,7 +197,7 @@ describe("through the proxy: postgres.js", () => {
   });
 });
 
-describe("through the proxy: psql", () => {
+describe("--auth passthrough: psql", () => {
   for (const user of PASSWORD_USERS) {
     test(`${user} (${AUTH_METHODS[user]}): right password`, async () => {
       const r = await psql(

@@ -35,6 +35,7 @@ import {
   describeRun,
   NOTES,
   PASSWORDS,
+  passwordFor,
   psql,
   startPostgres,
   startProxyFor,
@@ -46,6 +47,7 @@ import {
   type PgInstance,
   type ProxyHandle,
 } from "../harness/index.ts";
+import { authenticateToReady } from "../harness/raw-socket.ts";
 
 // test/preload.ts sets this too, but under `bun test` with several files
 // Bun 1.4 applies a preload's setDefaultTimeout to the first file only.
@@ -140,16 +142,28 @@ async function expectIsolated(sql: Client, context: typeof TENANT_A | null): Pro
   expect(seen).toEqual({ rows: context === TENANT_A ? TENANT_A_ROWS : [], tenant: context, usr: APP_USER });
 }
 
-/** The signature of `tenant` bound to backend `pid` under `key` (the proxy's scheme, sql/setup.sql). */
-const sign = (key: Uint8Array, tenant: string, pid: number) => createHmac("sha256", key).update(`${tenant}/${pid}`).digest("hex");
+/**
+ * The signature of `tenant` bound to a backend under `key` (the proxy's
+ * scheme, sql/setup.sql): `binding` is "<pid>/<backend start in µs>".
+ */
+const sign = (key: Uint8Array, tenant: string, binding: string) => createHmac("sha256", key).update(`${tenant}/${binding}`).digest("hex");
 
-/** A genuine signature from a live tenant_b session, and that session's backend pid. */
-async function tenantBSignature(proxy: ProxyHandle): Promise<{ sig: string; pid: number }> {
+/** What this session's signatures are bound to: "<pid>/<start µs>", read independently of multigres's function. */
+const bindingOf = async (sql: Client): Promise<{ pid: number; binding: string }> => {
+  const [r] = await sql.unsafe(
+    `SELECT pg_backend_pid() AS pid, (extract(epoch FROM backend_start) * 1000000)::bigint::text AS start FROM pg_stat_activity WHERE pid = pg_backend_pid()`,
+  );
+  return { pid: r!.pid as number, binding: `${r!.pid}/${r!.start}` };
+};
+
+/** A genuine signature from a live tenant_b session, and that session's backend pid and binding. */
+async function tenantBSignature(proxy: ProxyHandle): Promise<{ sig: string; pid: number; binding: string }> {
   return withClient(proxy.url({ user: `${APP_USER}.${TENANT_B}`, password: appPw }), async (sql) => {
-    const [r] = await sql.unsafe(`SELECT current_setting('app.current_tenant_id_sig') AS sig, pg_backend_pid() AS pid`);
+    const { pid, binding } = await bindingOf(sql);
+    const [r] = await sql.unsafe(`SELECT current_setting('app.current_tenant_id_sig') AS sig`);
     // It is the real thing: valid for tenant_b on *that* backend.
-    expect(r!.sig).toBe(sign(contextKey(), TENANT_B, r!.pid));
-    return { sig: r!.sig as string, pid: r!.pid as number };
+    expect(r!.sig).toBe(sign(contextKey(), TENANT_B, binding));
+    return { sig: r!.sig as string, pid, binding };
   });
 }
 
@@ -431,30 +445,38 @@ for (const mode of MODES) {
         });
       });
 
-      test("the copied tenant_b signature set with bind parameters (the guard cannot see the names)", async () => {
+      test("the copied tenant_b signature set with bind parameters (names the guard cannot read: refused as such)", async () => {
         const b = await tenantBSignature(mode.proxy());
         await asTenantA(async (sql) => {
           const o = await outcome(
             () => sql`SELECT set_config(${"app.current_tenant_id"}, ${TENANT_B}, false), set_config(${"app.current_tenant_id_sig"}, ${b.sig}, false)`,
           );
-          expectServer(o, "ok");
-          await expectIsolated(sql, null);
+          if (mode.guard) {
+            expectGuardRefusal(o);
+            await expectIsolated(sql, TENANT_A);
+          } else {
+            expectServer(o, "ok");
+            await expectIsolated(sql, null);
+          }
         });
       });
 
       test("a signature for tenant_b on this very backend under a guessed key", () =>
         asTenantA(async (sql) => {
-          const [{ pid }] = (await sql.unsafe(`SELECT pg_backend_pid() AS pid`)) as unknown as [{ pid: number }];
+          const { binding } = await bindingOf(sql);
           for (const forged of [
-            sign(contextKey("not-the-secret-but-long-enough-0123456789"), TENANT_B, pid),
-            sign(new TextEncoder().encode("multigres-test-context-secret-0123456789"), TENANT_B, pid), // the secret itself as the key
-            createHash("sha256").update(`${TENANT_B}/${pid}`).digest("hex"), // no key at all
+            sign(contextKey("not-the-secret-but-long-enough-0123456789"), TENANT_B, binding),
+            sign(new TextEncoder().encode("multigres-test-context-secret-0123456789"), TENANT_B, binding), // the secret itself as the key
+            createHash("sha256").update(`${TENANT_B}/${binding}`).digest("hex"), // no key at all
           ]) {
-            const o = await outcome(
-              () => sql`SELECT set_config(${"app.current_tenant_id"}, ${TENANT_B}, false), set_config(${"app.current_tenant_id_sig"}, ${forged}, false)`,
-            );
-            expectServer(o, "ok");
-            await expectIsolated(sql, null);
+            const o = await outcome(() => sql`SELECT set_config('app.current_tenant_id', ${TENANT_B}, false), set_config('app.current_tenant_id_sig', ${forged}, false)`);
+            if (mode.guard) {
+              expectGuardRefusal(o);
+              await expectIsolated(sql, TENANT_A);
+            } else {
+              expectServer(o, "ok");
+              await expectIsolated(sql, null);
+            }
           }
         }));
     });
@@ -623,10 +645,14 @@ for (const mode of MODES) {
       test("PREPARE q(text, text) AS SELECT set_config($1, $2, false); EXECUTE q('app.current_tenant_id', 'tenant_b')", () =>
         asTenantA(async (sql) => {
           const prepared = await outcome(() => sql.unsafe(`PREPARE q(text, text) AS SELECT set_config($1, $2, false)`));
-          expectServer(prepared, "ok");
           const executed = await outcome(() => sql.unsafe(`EXECUTE q('app.current_tenant_id', 'tenant_b')`));
-          if (mode.guard && !executed.ok && executed.message.startsWith("multigres:")) expectGuardRefusal(executed);
-          else {
+          if (mode.guard) {
+            // A name the guard cannot read is refused at PREPARE.
+            expectGuardRefusal(prepared);
+            expect(show(executed)).toMatch(/^26000 /);
+            await expectIsolated(sql, TENANT_A);
+          } else {
+            expectServer(prepared, "ok");
             expectServer(executed, "ok");
             await expectIsolated(sql, null);
           }
@@ -704,17 +730,39 @@ for (const mode of MODES) {
     describe("extended protocol", () => {
       test("postgres.js with bind parameters: set_config(${'app.current_tenant_id'}, ${'tenant_b'}, false)", () =>
         asTenantA(async (sql) => {
-          // The names are bind parameters: no guard can see them. The database check must hold.
+          // The names are bind parameters: the guard cannot read them, so it
+          // refuses them; without it, the database check must hold.
           const o = await outcome(() => sql`select set_config(${"app.current_tenant_id"}, ${TENANT_B}, false)`);
-          expectServer(o, "ok");
-          expect((await sql.unsafe(`SELECT current_setting('app.current_tenant_id') AS t`))[0]!.t).toBe(TENANT_B);
-          await expectIsolated(sql, null);
+          if (mode.guard) {
+            expectGuardRefusal(o);
+            await expectIsolated(sql, TENANT_A);
+          } else {
+            expectServer(o, "ok");
+            expect((await sql.unsafe(`SELECT current_setting('app.current_tenant_id') AS t`))[0]!.t).toBe(TENANT_B);
+            await expectIsolated(sql, null);
+          }
         }));
 
       test("postgres.js with bind parameters: set_config(${'role'}, ${'postgres'}, false)", () =>
         asTenantA(async (sql) => {
-          expectServer(await outcome(() => sql`select set_config(${"role"}, ${"postgres"}, false)`), PERMISSION_DENIED_ROLE);
+          const o = await outcome(() => sql`select set_config(${"role"}, ${"postgres"}, false)`);
+          if (mode.guard) expectGuardRefusal(o);
+          else expectServer(o, PERMISSION_DENIED_ROLE);
           await expectIsolated(sql, TENANT_A);
+        }));
+
+      test("a computed name: set_config(lower('APP.CURRENT_TENANT_ID_SIG'), …) and set_config(lower('ROLE'), 'none', false)", () =>
+        asTenantA(async (sql) => {
+          const sig = await outcome(() => sql.unsafe(`select set_config(lower('APP.CURRENT_TENANT_ID'), 'tenant_b', false), set_config(lower('APP.CURRENT_TENANT_ID_SIG'), 'x', false)`));
+          const role = await outcome(() => sql.unsafe(`select set_config(lower('ROLE'), 'none', false)`));
+          if (mode.guard) {
+            expectGuardRefusal(sig);
+            expectGuardRefusal(role);
+            await expectIsolated(sql, TENANT_A);
+          } else {
+            expectServer(sig, "ok");
+            await expectIsolated(sql, null);
+          }
         }));
 
       test("Parse with the name as a literal: sql.unsafe(\"select set_config('app.current_tenant_id', 'tenant_b', false)\", [], { prepare: true })", () =>
@@ -877,7 +925,8 @@ describe("direct connection without the proxy", () => {
   const forge = (sql: Client, sig: string) =>
     sql`SELECT set_config('app.current_tenant_id', ${TENANT_B}, false), set_config('app.current_tenant_id_sig', ${sig}, false)`;
 
-  const backendPid = async (sql: Client) => ((await sql.unsafe(`SELECT pg_backend_pid() AS pid`))[0]!.pid as number);
+  const backendPid = async (sql: Client) => (await bindingOf(sql)).pid;
+  const backendBinding = async (sql: Client) => (await bindingOf(sql)).binding;
 
   test("SET app.current_tenant_id = 'tenant_b' alone: zero rows", () =>
     direct(async (sql) => {
@@ -888,14 +937,14 @@ describe("direct connection without the proxy", () => {
 
   test("the tenant plus every signature app_user can invent: zero rows", () =>
     direct(async (sql) => {
-      const pid = await backendPid(sql);
+      const binding = await backendBinding(sql);
       for (const sig of [
         "ab".repeat(32),
         "",
-        sign(contextKey("not-the-secret-but-long-enough-0123456789"), TENANT_B, pid),
-        sign(new TextEncoder().encode("multigres-test-context-secret-0123456789"), TENANT_B, pid),
-        createHash("sha256").update(`${TENANT_B}/${pid}`).digest("hex"),
-        sign(contextKey(), TENANT_B, pid).toUpperCase(), // right bytes, wrong spelling: still no
+        sign(contextKey("not-the-secret-but-long-enough-0123456789"), TENANT_B, binding),
+        sign(new TextEncoder().encode("multigres-test-context-secret-0123456789"), TENANT_B, binding),
+        createHash("sha256").update(`${TENANT_B}/${binding}`).digest("hex"),
+        sign(contextKey(), TENANT_B, binding).toUpperCase(), // right bytes, wrong spelling: still no
       ]) {
         await forge(sql, sig);
         await expectIsolated(sql, null);
@@ -940,9 +989,24 @@ describe("direct connection without the proxy", () => {
       await expectIsolated(sql, null);
     }));
 
+  test("a signature replayed into a backend with the same pid and a different start (a reused pid): zero rows", () =>
+    direct(async (sql) => {
+      // Made with the real key, as if read from a log when an earlier backend
+      // had this pid: everything matches but the start time.
+      const { pid, binding } = await bindingOf(sql);
+      const start = Number(binding.split("/")[1]);
+      for (const earlier of [start - 1, start - 60_000_000, 0]) {
+        await forge(sql, sign(contextKey(), TENANT_B, `${pid}/${earlier}`));
+        await expectIsolated(sql, null);
+      }
+      // The pid alone, as signatures were bound before 0.3: no.
+      await forge(sql, createHmac("sha256", contextKey()).update(`${TENANT_B}/${pid}`).digest("hex"));
+      await expectIsolated(sql, null);
+    }));
+
   test("control: with the secret (which only the proxy has) the same forgery does show tenant_b", () =>
     direct(async (sql) => {
-      await forge(sql, sign(contextKey(), TENANT_B, await backendPid(sql)));
+      await forge(sql, sign(contextKey(), TENANT_B, await backendBinding(sql)));
       const seen = await observe(sql);
       expect(seen).toEqual({ rows: NOTES.tenant_b.map(() => TENANT_B), tenant: TENANT_B, usr: APP_USER });
     }));
@@ -952,7 +1016,8 @@ describe("direct connection without the proxy", () => {
 
 /**
  * A bare protocol-3 client for what postgres.js cannot send: the fast-path
- * FunctionCall message. Trust authentication only (trust_user), no TLS.
+ * FunctionCall message. Authenticates with the user's harness password
+ * (test/harness/scram.ts), no TLS.
  */
 class RawClient {
   private buf = Buffer.alloc(0);
@@ -983,13 +1048,11 @@ class RawClient {
     head.writeInt32BE(8 + params.length, 0);
     head.writeInt32BE(196608, 4);
     sock.write(Buffer.concat([head, params]));
-    const startup = await c.untilReady();
-    const err = startup.find((m) => m.type === "E");
-    if (err) throw new Error(`startup failed: ${JSON.stringify(fields(err.body))}`);
+    await authenticateToReady(() => c.next(), async (b) => void sock.write(b), passwordFor(user), user);
     return c;
   }
 
-  private async next(): Promise<{ type: string; body: Buffer }> {
+  async next(): Promise<{ type: string; body: Buffer }> {
     for (;;) {
       if (this.buf.length >= 5) {
         const len = this.buf.readInt32BE(1);
