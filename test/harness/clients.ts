@@ -121,7 +121,7 @@ let scratch: string | undefined;
 export function writeTempFile(name: string, content: string): string {
   scratch ??= mkdtempSync(join(tmpdir(), "multigres-test-"));
   const p = join(scratch, name);
-  writeFileSync(p, content);
+  writeFileSync(p, content, { mode: 0o600 }); // secrets go in some of them
   return p;
 }
 onCleanup(() => {

@@ -17,11 +17,11 @@
  *
  * Set MULTIGRES_TEST_PROXY_LOGS=1 to print every proxy's output when it stops.
  */
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { existsSync, mkdirSync, readdirSync, statSync } from "node:fs";
 import { join } from "node:path";
 import type { Subprocess } from "bun";
 import { onCleanup } from "./cleanup.ts";
+import { writeTempFile } from "./clients.ts";
 import { APP_ROLES, buildUrl, CONTEXT_SECRET, PASSWORDS, REPO_ROOT, type PgInstance, type UrlOptions } from "./postgres.ts";
 
 export const DEFAULT_BIN = join(REPO_ROOT, "dist", "multigres");
@@ -95,25 +95,13 @@ if (import.meta.main && process.argv.includes("--build-if-stale")) {
 
 // ---------------------------------------------------------------------------
 
-/** A private directory for this test process's files, removed when it exits. */
-export const TEST_DIR = mkdtempSync(join(tmpdir(), "multigres-test-"));
-onCleanup(() => rmSync(TEST_DIR, { recursive: true, force: true }));
-
-let fileCount = 0;
-/** Write `text` to a new file in TEST_DIR (mode 0600); returns its path. */
-export function writeTestFile(name: string, text: string): string {
-  const path = join(TEST_DIR, `${++fileCount}-${name}`);
-  writeFileSync(path, text, { mode: 0o600 });
-  return path;
-}
-
 /** A userlist line, quoting as PgBouncer's format wants. */
 export const userlistLine = (user: string, secret: string) => `"${user.replace(/"/g, '""')}" "${secret.replace(/"/g, '""')}"`;
 
 /** Client credentials of every harness proxy: each fixture role with its PASSWORDS entry (shared by its tenants). */
-export const HARNESS_AUTH_FILE = writeTestFile("userlist.txt", `${APP_ROLES.map((r) => userlistLine(r, PASSWORDS[r])).join("\n")}\n`);
+export const HARNESS_AUTH_FILE = writeTempFile(`harness-userlist-${process.pid}.txt`, `${APP_ROLES.map((r) => userlistLine(r, PASSWORDS[r])).join("\n")}\n`);
 /** The proxy's upstream credential: each role's database password. */
-export const HARNESS_UPSTREAM_FILE = writeTestFile("upstream.txt", `${APP_ROLES.map((r) => userlistLine(r, PASSWORDS[r])).join("\n")}\n`);
+export const HARNESS_UPSTREAM_FILE = writeTempFile(`harness-upstream-${process.pid}.txt`, `${APP_ROLES.map((r) => userlistLine(r, PASSWORDS[r])).join("\n")}\n`);
 
 export interface ProxyOptions {
   upstreamPort: number;

@@ -102,7 +102,7 @@ describe("direct to PostgreSQL (harness baseline)", () => {
 });
 
 describe("--auth proxy: the client authenticates at the proxy, the proxy logs in with each method", () => {
-  for (const user of [...PASSWORD_USERS, TRUST_USER]) {
+  for (const user of [...PASSWORD_USERS, TRUST_USER] as const) {
     test(`${user}: the client's SCRAM login at the proxy, the proxy's ${AUTH_METHODS[user]} login upstream`, async () => {
       await withClient(own.url({ user: `${user}.${TENANT_A}`, password: PASSWORDS[user] }), async (sql) => {
         const [row] = await sql`

@@ -46,6 +46,7 @@ import {
   connect,
   NOTES,
   PASSWORDS,
+  passwordFor,
   pgTool,
   libpqEnv,
   startPostgres,
@@ -55,6 +56,7 @@ import {
   type PgInstance,
   type ProxyHandle,
 } from "../harness/index.ts";
+import { AuthAnswers } from "../harness/scram.ts";
 import { appName, backendsOf, mb, memStatus, RssSampler, tcpQueues, waitFor, WaitAbort, within } from "./transparency-helpers.ts";
 
 const RSS_BOUND_KB = 200 * 1024;
@@ -372,9 +374,12 @@ class RawClient {
     const head = Buffer.alloc(8);
     head.writeInt32BE(8 + body.length, 0);
     head.writeInt32BE(196608, 4);
+    // Authenticate with the user's harness password (SCRAM at the proxy).
+    const answers = new AuthAnswers(passwordFor(params.user ?? "") ?? "", params.user);
     const ready = this.until((type, b) => {
       if (type === 0x52 /* R */ && b.readInt32BE(0) !== 0) {
-        throw new Error(`unexpected authentication request ${b.readInt32BE(0)} (expected trust)`);
+        const reply = answers.answer(b);
+        if (reply) this.sock.write(reply);
       }
       return type === 0x5a; /* Z */
     });

@@ -153,7 +153,7 @@ describe("structured logs (--log-format json)", () => {
   });
 
   test("connection lines carry conn, remote, user, tenant, event; close lines duration and bytes", async () => {
-    await withClient(proxy.url({ user: trustUser }), async (sql) => {
+    await withClient(proxy.url({ user: trustUser, password: PASSWORDS[TRUST_USER] }), async (sql) => {
       const [row] = await sql`SELECT current_tenant_id() AS t`;
       expect(row!.t).toBe(TENANT_A);
     });

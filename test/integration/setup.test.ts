@@ -16,7 +16,8 @@
  */
 import { afterAll, beforeAll, describe, expect, test, setDefaultTimeout } from "bun:test";
 import { createHmac } from "node:crypto";
-import { startPostgres, startProxy, writeTempFile, withClient, type PgInstance } from "../harness/index.ts";
+import { readFileSync, statSync } from "node:fs";
+import { connectError, startPostgres, startProxy, writeTempFile, withClient, type PgInstance } from "../harness/index.ts";
 import { contextKeyId, deriveContextKey, signContext } from "../../src/tenant/context.ts";
 import { describeCli, multigres, Scratch } from "./db-cli-helpers.ts";
 
@@ -67,10 +68,12 @@ describe("a fresh database", () => {
       "created table multigres.meta",
       "created table multigres.context_keys",
       "created function multigres.add_context_key(bytea)",
+      "created function multigres.backend_binding()",
       "created function multigres.current_tenant_id()",
+      "created function multigres.context_status(text)",
       "created function public.current_tenant_id()",
       "created function multigres.enable_tenant_rls(regclass,name)",
-      "set schema_version 2",
+      "set schema_version 3",
       `created role ${role} (NOSUPERUSER NOBYPASSRLS NOCREATEROLE NOCREATEDB NOREPLICATION LOGIN)`,
       `stored context key ${idOf(SECRET_A)}`,
       expect.stringMatching(new RegExp(`^note: role ${role} has no password yet`)),
@@ -85,7 +88,7 @@ describe("a fresh database", () => {
       const [f] = await sql`SELECT prosecdef, proconfig FROM pg_proc WHERE oid = 'multigres.current_tenant_id()'::regprocedure`;
       expect(f).toEqual({ prosecdef: true, proconfig: ["search_path=pg_catalog, pg_temp"] });
       const [v] = await sql`SELECT value FROM multigres.meta WHERE key = 'schema_version'`;
-      expect(v?.value).toBe("2");
+      expect(v?.value).toBe("3");
       // The app role cannot read the keys.
       const [p] = await sql`SELECT has_table_privilege(${role}, 'multigres.context_keys', 'SELECT') AS can_read`;
       expect(p?.can_read).toBe(false);
@@ -165,10 +168,25 @@ describe("no secret set", () => {
     expect(lines(again.stdout)).toEqual(["nothing to change", `note: no context secret given (MULTIGRES_CONTEXT_SECRET): kept the stored context key ${id}`]);
     expect(again.stdout).not.toContain("MULTIGRES_CONTEXT_SECRET=");
 
-    // End to end: a proxy with the generated secret establishes contexts the database accepts.
-    const password = "setup-e2e-pw";
+    // The proxy's upstream credential: setup generates it into a file (0600) and sets it, once.
+    const upstreamFile = writeTempFile(`upstream-${role}`, "").replace(/$/, ".new"); // a path that does not exist yet
+    const up = await setup(db.url, role, { args: ["--upstream-password-file", upstreamFile] });
+    expect(up.exitCode, describeCli(up)).toBe(0);
+    expect(lines(up.stdout)[0]).toBe(
+      `${role}: generated a random password, wrote it to ${upstreamFile} (mode 0600), and set it: give the file to the proxy as --upstream-password-file`,
+    );
+    const upstreamPassword = readFileSync(upstreamFile, "utf8").trim();
+    expect(upstreamPassword).toMatch(/^[A-Za-z0-9_-]{43}$/);
+    expect(statSync(upstreamFile).mode & 0o777).toBe(0o600);
+    expect(up.stdout + up.stderr).not.toContain(upstreamPassword);
+    const upAgain = await setup(db.url, role, { args: ["--upstream-password-file", upstreamFile] });
+    expect(lines(upAgain.stdout)[0]).toBe("nothing to change");
+
+    // End to end: clients log in at the proxy with their own password; the
+    // proxy logs in with the generated one; the contexts verify.
+    const password = "setup-e2e-client-pw";
+    const authFile = writeTempFile(`userlist-${role}`, `"${role}" "${password}"\n`);
     await scratch.as(db.name, async (sql) => {
-      await sql.unsafe(`ALTER ROLE "${role}" PASSWORD '${password}'`);
       await sql.unsafe(`
         CREATE TABLE items (id serial PRIMARY KEY, tenant_id text NOT NULL, name text);
         SELECT multigres.enable_tenant_rls('items');
@@ -180,15 +198,22 @@ describe("no secret set", () => {
       upstreamHost: pg.host,
       database: db.name,
       env: { MULTIGRES_CONTEXT_SECRET: secret },
+      args: ["--auth-file", authFile, "--upstream-password-file", upstreamFile, "--database", db.name],
     });
     try {
       const names = await withClient(proxy.url({ user: `${role}.acme`, password }), async (sql) =>
         (await sql`SELECT name FROM items ORDER BY name`).map((x) => x.name),
       );
       expect(names).toEqual(["a1", "a2"]);
+      // The database's own password is not a client password.
+      const err = await connectError(proxy.url({ user: `${role}.acme`, password: upstreamPassword }));
+      expect(err.code).toBe("28P01");
+      await proxy.waitForLog(new RegExp(`startup check: database "${db.name}" knows context key ${id}`));
     } finally {
       await proxy.stop();
     }
+    // Neither password reached the server's log: setup sent a verifier.
+    if (pg.mode === "managed") expect(pg.serverLog()).not.toContain(upstreamPassword);
   });
 
   test("--generate-secret adds a new key next to the stored one (first step of a rotation)", async () => {
@@ -337,7 +362,7 @@ describe("--tenant-setting", () => {
     });
 
     const back = await setup(db.url, role, { secret: SECRET_A });
-    expect(lines(back.stdout)).toEqual(["updated function multigres.current_tenant_id()"]);
+    expect(lines(back.stdout)).toEqual(["updated function multigres.current_tenant_id()", "updated function multigres.context_status(text)"]);
   });
 
   test("rejects a setting name that is not a custom setting", async () => {
@@ -372,7 +397,7 @@ describe("upgrade", () => {
     expect(out).toContain("created table multigres.context_keys");
     expect(out).toContain("created table multigres.meta");
     expect(out).toContain("updated function multigres.current_tenant_id()");
-    expect(out).toContain("set schema_version 2");
+    expect(out).toContain("set schema_version 3");
     expect(out).not.toContain("created schema multigres");
 
     await scratch.as(db.name, async (sql) => {
@@ -390,7 +415,7 @@ describe("upgrade", () => {
     await scratch.as(db.name, (sql) => sql`UPDATE multigres.meta SET value = '99' WHERE key = 'schema_version'`);
     const r = await setup(db.url, role, { secret: SECRET_A });
     expect(r.exitCode).toBe(2);
-    expect(r.stderr).toContain("schema version 99, newer than this binary's 2");
+    expect(r.stderr).toContain("schema version 99, newer than this binary's 3");
   });
 });
 

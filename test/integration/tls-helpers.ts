@@ -14,7 +14,7 @@
  * - HTTP and log helpers: the health listener's port from the proxy log,
  *   JSON log lines, waiting for a log condition.
  */
-import { dataRow, errorFields, type Message } from "../harness/raw-socket.ts";
+import { authenticateToReady, dataRow, errorFields, type Message } from "../harness/raw-socket.ts";
 export { errorFields, type Message };
 import { chownSync, chmodSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
@@ -23,7 +23,7 @@ import { join } from "node:path";
 import tls from "node:tls";
 import postgres from "postgres";
 import { startupMessage } from "../../src/protocol/messages.ts";
-import { startProxyFor, type PgInstance, type ProxyHandle } from "../harness/index.ts";
+import { passwordFor, startProxyFor, type PgInstance, type ProxyHandle } from "../harness/index.ts";
 
 // ------------------------------------------------------------------ openssl
 
@@ -292,13 +292,24 @@ export class Wire {
     }
   }
 
-  /** Send a StartupMessage and read to the first ReadyForQuery; throws on ErrorResponse. */
+  /**
+   * Send a StartupMessage, authenticate with the user's harness password,
+   * and read to the first ReadyForQuery (messages from AuthenticationOk on);
+   * throws on ErrorResponse.
+   */
   async startup(params: Record<string, string>, timeoutMs = 15_000): Promise<Message[]> {
     this.write(startupMessage(new Map(Object.entries(params))));
-    const ms = await this.readUntil("Z", timeoutMs);
-    const err = ms.find((m) => m.type === "E");
-    if (err) throw new Error(`${this.label}: startup failed: ${JSON.stringify(errorFields(err.body))}`);
-    return ms;
+    const user = params.user ?? "";
+    const read = async () => {
+      const m = await this.next(timeoutMs);
+      if (!m) throw new Error(`${this.label}: connection closed during startup; received: ${describeMessages(this.seen)}`);
+      return m;
+    };
+    try {
+      return await authenticateToReady(read, async (b) => this.write(b), passwordFor(user), user);
+    } catch (e) {
+      throw new Error(`${this.label}: startup failed: ${(e as Error).message}`);
+    }
   }
 
   /** A simple-protocol query, read to its ReadyForQuery. */
