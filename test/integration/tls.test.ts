@@ -38,12 +38,14 @@ import {
   PASSWORDS,
   psql,
   startPostgres,
+  startProxyFor,
   TENANT_A,
   TRUST_USER,
   withClient,
   type PgInstance,
   type ProxyHandle,
 } from "../harness/index.ts";
+import { Client as pgClient } from "pg";
 import { startupMessage } from "../../src/protocol/messages.ts";
 import {
   directTls,
@@ -84,6 +86,8 @@ afterAll(async () => {
 });
 
 const trustUser = `${TRUST_USER}.${TENANT_A}`;
+/** trust_user's client password at the proxy (pg_hba trusts it upstream). */
+const trustPw = PASSWORDS[TRUST_USER];
 const appUser = `${APP_USER}.${TENANT_A}`;
 const appPw = PASSWORDS[APP_USER];
 const tenantRows = NOTES.tenant_a.length;
@@ -135,7 +139,7 @@ describe("client TLS: certificate set, client-tls allow (default)", () => {
   });
 
   test("psql sslmode=disable still works (TLS is allowed, not required)", async () => {
-    const r = await psql(libpqUrl(proxy, trustUser, { sslmode: "disable" }), "SELECT current_tenant_id()", { args: ["-c", "\\conninfo"] });
+    const r = await psql(libpqUrl(proxy, trustUser, { sslmode: "disable" }, trustPw), "SELECT current_tenant_id()", { args: ["-c", "\\conninfo"] });
     expect(r.exitCode, describeRun(r)).toBe(0);
     expect(r.stdout).not.toContain("SSL connection");
     expect(r.stdout).toContain(TENANT_A);
@@ -252,7 +256,7 @@ describe("client TLS: client-tls require", () => {
   });
 
   test("psql sslmode=disable is refused with the same message", async () => {
-    const r = await psql(libpqUrl(proxy, trustUser, { sslmode: "disable" }), "SELECT 1", { timeoutMs: 30_000 });
+    const r = await psql(libpqUrl(proxy, trustUser, { sslmode: "disable" }, trustPw), "SELECT 1", { timeoutMs: 30_000 });
     expect(r.exitCode, describeRun(r)).not.toBe(0);
     expect(r.stderr).toContain("multigres requires TLS");
   });
@@ -296,11 +300,11 @@ describe("client TLS: client-tls disable, and no certificate", () => {
     });
 
     test(`${which}: psql sslmode=require fails, sslmode=prefer falls back to plaintext`, async () => {
-      const req = await psql(libpqUrl(p(), trustUser, { sslmode: "require" }), "SELECT 1", { timeoutMs: 30_000 });
+      const req = await psql(libpqUrl(p(), trustUser, { sslmode: "require" }, trustPw), "SELECT 1", { timeoutMs: 30_000 });
       expect(req.exitCode, describeRun(req)).not.toBe(0);
       expect(req.stderr).toContain("server does not support SSL, but SSL was required");
 
-      const pref = await psql(libpqUrl(p(), trustUser, { sslmode: "prefer" }), "SELECT current_tenant_id()", { args: ["-c", "\\conninfo"] });
+      const pref = await psql(libpqUrl(p(), trustUser, { sslmode: "prefer" }, trustPw), "SELECT current_tenant_id()", { args: ["-c", "\\conninfo"] });
       expect(pref.exitCode, describeRun(pref)).toBe(0);
       expect(pref.stdout).not.toContain("SSL connection");
       expect(pref.stdout).toContain(TENANT_A);
@@ -411,7 +415,7 @@ describe("client TLS: certificate reload on SIGHUP", () => {
 // ===================================================================== server leg
 
 /** Whether the proxy's upstream connection for a fresh tenant session is TLS. */
-async function upstreamSsl(p: ProxyHandle, user = trustUser, password?: string): Promise<boolean> {
+async function upstreamSsl(p: ProxyHandle, user = trustUser, password = trustPw): Promise<boolean> {
   return withClient(p.url({ user, password }), async (sql) => {
     const [row] = await sql`select ssl from pg_stat_ssl where pid = pg_backend_pid()`;
     return row!.ssl as boolean;
@@ -440,7 +444,7 @@ describe("upstream TLS: PostgreSQL without TLS (ssl=off)", () => {
 
   for (const mode of ["require", "verify-ca", "verify-full"] as const) {
     test(`${mode}: 08006 could not connect to the upstream server, saying it does not support TLS`, async () => {
-      const err = await connectError(p[mode]!.url({ user: trustUser }));
+      const err = await connectError(p[mode]!.url({ user: trustUser, password: trustPw }));
       expect(err.code, err.message).toBe("08006");
       expect(err.message).toContain("could not connect to the upstream server");
       expect(err.message).toContain(`does not support TLS, and --upstream-tls is ${mode}`);
@@ -502,7 +506,7 @@ describe("upstream TLS: PostgreSQL with ssl=on", () => {
   for (const [name, args, patterns] of refused) {
     test(`${name}: 08006 with a clear message`, async () => {
       const p = await proxyWith(files(args));
-      const err = await connectError(p.url({ user: trustUser }));
+      const err = await connectError(p.url({ user: trustUser, password: trustPw }));
       expect(err.code, `${err.message}\n--- proxy log ---\n${p.logs()}`).toBe("08006");
       expect(err.message).toContain("could not connect to the upstream server");
       for (const re of patterns) expect(err.message).toMatch(re);
@@ -525,14 +529,111 @@ describe("upstream TLS: PostgreSQL with ssl=on", () => {
     }
   }
 
-  describe("channel binding", () => {
+  describe("channel binding, --auth proxy (the default): the client leg is bound to the proxy's certificate", () => {
     let proxy: ProxyHandle;
+    let plainUpstream: ProxyHandle;
     beforeAll(async () => {
-      proxy = await proxyWith(["--tls-cert", pki.server.cert, "--tls-key", pki.server.key, "--upstream-tls", "require"]);
+      [proxy, plainUpstream] = await Promise.all([
+        proxyWith(["--tls-cert", pki.server.cert, "--tls-key", pki.server.key, "--upstream-tls", "require"]),
+        proxyWith(["--tls-cert", pki.server.cert, "--tls-key", pki.server.key, "--upstream-tls", "disable"]),
+      ]);
+    });
+
+    test("a TLS client is offered SCRAM-SHA-256-PLUS first; a plaintext client SCRAM-SHA-256 only", async () => {
+      expect(await saslOffer(proxy.port, appUser)).toEqual(["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]);
+      const plain = new Wire(await openPlain(proxy.port), "plaintext offer");
+      try {
+        plain.write(startupMessage(new Map([["user", appUser], ["database", pg.database]])));
+        const m = await plain.next();
+        expect(m?.type).toBe("R");
+        expect(m!.body.subarray(4).toString("utf8").split("\0").filter(Boolean)).toEqual(["SCRAM-SHA-256"]);
+      } finally {
+        plain.destroy();
+      }
+    });
+
+    for (const [leg, p] of [["over TLS", () => proxy], ["in plaintext", () => plainUpstream]] as const) {
+      for (const binding of ["require", "prefer", "disable"] as const) {
+        test(`libpq channel_binding=${binding}, upstream leg ${leg}: connects, tenant context in place`, async () => {
+          const r = await psql(
+            libpqUrl(p(), appUser, { sslmode: "verify-full", sslrootcert: pki.ca, channel_binding: binding }, appPw),
+            "SELECT current_user || '|' || current_tenant_id() || '|' || (SELECT count(*) FROM notes)",
+            { timeoutMs: 30_000 },
+          );
+          expect(r.exitCode, describeRun(r)).toBe(0);
+          expect(r.stdout.trim()).toBe(`${APP_USER}|${TENANT_A}|${tenantRows}`);
+        });
+      }
+    }
+
+    test("node-postgres with enableChannelBinding logs in with SCRAM-SHA-256-PLUS; postgres.js over TLS with SCRAM-SHA-256", async () => {
+      const client = new pgClient({
+        host: "127.0.0.1",
+        port: proxy.port,
+        user: appUser,
+        password: appPw,
+        database: pg.database,
+        ssl: { ca: pki.caPem, servername: "localhost" },
+        enableChannelBinding: true,
+      });
+      await client.connect();
+      try {
+        const { rows } = await client.query("SELECT current_tenant_id() AS t, (SELECT count(*)::int FROM notes) AS n");
+        expect(rows).toEqual([{ t: TENANT_A, n: tenantRows }]);
+      } finally {
+        await client.end();
+      }
+      await withClient(
+        proxy.url({ user: appUser, password: appPw }),
+        async (sql) => expect((await sql`SELECT current_tenant_id() AS t`)[0]!.t).toBe(TENANT_A),
+        { ssl: { ca: pki.caPem, servername: "localhost" } },
+      );
+    });
+
+    test("a client whose TLS ends elsewhere (binding data of another certificate) is refused", async () => {
+      // What a man in the middle with its own certificate would forward: the
+      // proof binds to the certificate the client saw, not the proxy's.
+      const { wire } = await tlsViaSslRequest(proxy.port, pki.caPem);
+      try {
+        wire.write(startupMessage(new Map([["user", appUser], ["database", pg.database]])));
+        await wire.next();
+        const other = Buffer.alloc(32, 1); // not the hash of the proxy's certificate
+        const nonce = "cbtestnonce0123456789";
+        const first = Buffer.from(`p=tls-server-end-point,,n=,r=${nonce}`);
+        const len = Buffer.alloc(4);
+        len.writeInt32BE(first.length);
+        const initial = Buffer.concat([Buffer.from("SCRAM-SHA-256-PLUS\0"), len, first]);
+        const head = Buffer.alloc(5);
+        head.write("p");
+        head.writeInt32BE(4 + initial.length, 1);
+        wire.write(Buffer.concat([head, initial]));
+        const cont = await wire.next();
+        expect(cont?.type).toBe("R");
+        const serverNonce = /r=([^,]+)/.exec(cont!.body.subarray(4).toString())![1]!;
+        const c = Buffer.concat([Buffer.from("p=tls-server-end-point,,"), other]).toString("base64");
+        const final = Buffer.from(`c=${c},r=${serverNonce},p=${Buffer.alloc(32).toString("base64")}`);
+        const head2 = Buffer.alloc(5);
+        head2.write("p");
+        head2.writeInt32BE(4 + final.length, 1);
+        wire.write(Buffer.concat([head2, final]));
+        const e = await wire.next();
+        expect(e?.type).toBe("E");
+        expect(errorFields(e!.body)).toMatchObject({ C: "08P01", M: "SCRAM authentication failed: SCRAM channel binding check failed" });
+      } finally {
+        wire.destroy();
+      }
+    });
+  });
+
+  describe("channel binding, --auth passthrough", () => {
+    let proxy: ProxyHandle;
+    const passthrough = (args: string[]) => startProxyFor(pg, { args, auth: "passthrough" }).then((p) => (proxies.push(p), p));
+    beforeAll(async () => {
+      proxy = await passthrough(["--tls-cert", pki.server.cert, "--tls-key", pki.server.key, "--upstream-tls", "require"]);
     });
     const defaultsUrl = () => libpqUrl(proxy, appUser, { sslmode: "prefer" }, appPw);
 
-    test("baseline: PostgreSQL over TLS offers SCRAM-SHA-256-PLUS; the proxy never does", async () => {
+    test("baseline: PostgreSQL over TLS offers SCRAM-SHA-256-PLUS; the relaying proxy never does", async () => {
       expect(await saslOffer(pg.port, APP_USER)).toContain("SCRAM-SHA-256-PLUS");
       // TLS on both legs: a libpq client would answer a -PLUS-less offer with
       // gs2 flag "y", which PostgreSQL rejects as a downgrade. So the proxy
@@ -548,7 +649,7 @@ describe("upstream TLS: PostgreSQL with ssl=on", () => {
       }
       // With the upstream leg in plaintext, PostgreSQL offers no -PLUS and the
       // client's SCRAM passes through untouched.
-      const plainUpstream = await proxyWith(["--tls-cert", pki.server.cert, "--tls-key", pki.server.key, "--upstream-tls", "disable"]);
+      const plainUpstream = await passthrough(["--tls-cert", pki.server.cert, "--tls-key", pki.server.key, "--upstream-tls", "disable"]);
       const offered = await saslOffer(plainUpstream.port, appUser);
       expect(offered).toContain("SCRAM-SHA-256");
       expect(offered.filter((m) => m.endsWith("-PLUS"))).toEqual([]);
@@ -559,7 +660,7 @@ describe("upstream TLS: PostgreSQL with ssl=on", () => {
       expect(r.exitCode, describeRun(r)).toBe(0);
     });
 
-    test("libpq channel_binding=prefer through the proxy, upstream leg over TLS, connects (SCRAM-SHA-256 without binding)", async () => {
+    test("libpq channel_binding=prefer, upstream leg over TLS, connects (SCRAM-SHA-256 without binding)", async () => {
       const r = await psql(
         libpqUrl(proxy, appUser, { sslmode: "verify-full", sslrootcert: pki.ca, channel_binding: "prefer" }, appPw),
         "SELECT current_user || '|' || current_tenant_id() || '|' || (SELECT count(*) FROM notes)",
@@ -569,8 +670,8 @@ describe("upstream TLS: PostgreSQL with ssl=on", () => {
       expect(r.stdout.trim()).toBe(`${APP_USER}|${TENANT_A}|${tenantRows}`);
     });
 
-    test("libpq channel_binding=prefer through the proxy, upstream leg in plaintext, connects", async () => {
-      const plainUpstream = await proxyWith(["--tls-cert", pki.server.cert, "--tls-key", pki.server.key, "--upstream-tls", "disable"]);
+    test("libpq channel_binding=prefer, upstream leg in plaintext, connects", async () => {
+      const plainUpstream = await passthrough(["--tls-cert", pki.server.cert, "--tls-key", pki.server.key, "--upstream-tls", "disable"]);
       const r = await psql(
         libpqUrl(plainUpstream, appUser, { sslmode: "verify-full", sslrootcert: pki.ca, channel_binding: "prefer" }, appPw),
         "SELECT current_user || '|' || current_tenant_id()",
@@ -587,7 +688,7 @@ describe("upstream TLS: PostgreSQL with ssl=on", () => {
       expect(r.stdout).toContain(TENANT_A);
     });
 
-    test("libpq channel_binding=require through the proxy fails promptly with libpq's channel binding message", async () => {
+    test("libpq channel_binding=require fails promptly with libpq's channel binding message (a relay cannot bind)", async () => {
       const r = await psql(
         libpqUrl(proxy, appUser, { sslmode: "verify-full", sslrootcert: pki.ca, channel_binding: "require" }, appPw),
         "SELECT 1",
