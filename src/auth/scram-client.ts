@@ -19,6 +19,26 @@ export interface ScramClient {
 
 const GS2_HEADER = "n,,"; // no channel binding, no authzid
 
+/**
+ * SaltedPassword by (password, salt, iterations). PostgreSQL keeps one salt
+ * per role, so after the first login of a role the proxy need not spend a
+ * millisecond of PBKDF2 on the event loop for every new server connection.
+ * Holding it is no worse than holding the password it comes from.
+ */
+const salted = new Map<string, Buffer>();
+const SALTED_CACHE_SIZE = 64;
+
+function saltedFor(password: string, salt: string, iterations: number): Buffer {
+  const key = `${iterations}\0${salt}\0${password}`;
+  let value = salted.get(key);
+  if (!value) {
+    value = saltedPassword(password, Buffer.from(salt, "base64"), iterations);
+    if (salted.size >= SALTED_CACHE_SIZE) salted.delete(salted.keys().next().value!);
+    salted.set(key, value);
+  }
+  return value;
+}
+
 export function scramStart(
   password: string,
   nonce = randomBytes(18).toString("base64"),
@@ -39,12 +59,12 @@ export function scramContinue(state: ScramClient, serverFirst: string): string {
   if (!nonce.startsWith(state.clientNonce) || nonce.length === state.clientNonce.length) {
     throw new Error("SCRAM server nonce does not extend the client nonce");
   }
-  const salted = saltedPassword(state.password, Buffer.from(salt, "base64"), iterations);
-  const clientKey = hmac(salted, "Client Key");
+  const saltedPw = saltedFor(state.password, salt, iterations);
+  const clientKey = hmac(saltedPw, "Client Key");
   const withoutProof = `c=${Buffer.from(GS2_HEADER).toString("base64")},r=${nonce}`;
   const authMessage = `${state.clientFirstBare},${serverFirst},${withoutProof}`;
   const proof = xor(clientKey, hmac(sha256(clientKey), authMessage));
-  state.serverSignature = hmac(hmac(salted, "Server Key"), authMessage);
+  state.serverSignature = hmac(hmac(saltedPw, "Server Key"), authMessage);
   return `${withoutProof},p=${proof.toString("base64")}`;
 }
 

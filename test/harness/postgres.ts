@@ -47,16 +47,23 @@ export const APP_USER = "app_user";
 export const MD5_USER = "md5_user";
 export const CLEAR_USER = "clear_user";
 export const TRUST_USER = "trust_user";
+/** Logs in with a TLS client certificate only (pg_hba `hostssl … cert`); no password in the database. */
+export const CERT_USER = "cert_user";
 /** Every role that acts as an app role (NOSUPERUSER NOBYPASSRLS, granted the tables). */
-export const APP_ROLES = [APP_USER, MD5_USER, CLEAR_USER, TRUST_USER] as const;
+export const APP_ROLES = [APP_USER, MD5_USER, CLEAR_USER, TRUST_USER, CERT_USER] as const;
 
-/** Passwords of the fixture roles. trust_user has one too, unused by the trust method. */
+/**
+ * Passwords of the fixture roles, also their client passwords at a harness
+ * proxy. trust_user has one too, unused by the trust method; cert_user's is
+ * only a client password (the database knows it by its certificate).
+ */
 export const PASSWORDS = {
   [SUPERUSER]: "postgres-superuser-pw",
   [APP_USER]: "app-user-scram-pw",
   [MD5_USER]: "md5-user-pw",
   [CLEAR_USER]: "clear-user-pw",
   [TRUST_USER]: "trust-user-pw",
+  [CERT_USER]: "cert-user-client-pw",
 } as const;
 
 /** Authentication method each fixture role gets from 127.0.0.1 (managed mode). */
@@ -66,6 +73,7 @@ export const AUTH_METHODS = {
   [MD5_USER]: "md5",
   [CLEAR_USER]: "password",
   [TRUST_USER]: "trust",
+  [CERT_USER]: "cert",
 } as const;
 
 /**
@@ -79,6 +87,7 @@ export const HBA_LINES = [
   `host    all       ${MD5_USER}    127.0.0.1/32   md5`,
   `host    all       ${CLEAR_USER}  127.0.0.1/32   password`,
   `host    all       ${TRUST_USER}  127.0.0.1/32   trust`,
+  `hostssl all       ${CERT_USER}   127.0.0.1/32   cert`,
   "host    all       all         127.0.0.1/32   scram-sha-256",
 ];
 

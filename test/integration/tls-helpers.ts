@@ -52,6 +52,8 @@ export interface TestPki {
   server2: CertFiles;
   /** A CA that signed nothing we use. */
   otherCa: string;
+  /** A client certificate from the CA for `cn` (pg_hba method cert matches the CN to the role). */
+  client(cn: string): CertFiles;
   cleanup(): void;
 }
 
@@ -72,6 +74,10 @@ extendedKeyUsage = serverAuth
 subjectAltName = DNS:localhost, IP:127.0.0.1
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid
+[client]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = clientAuth
 `;
 
 /** A fresh CA and server certificates in a temp dir (EC P-256: fast to make). */
@@ -83,18 +89,19 @@ export function makeTestPki(): TestPki {
     openssl(["req", "-x509", "-config", "openssl.cnf", "-extensions", "ca", ...ec, "-keyout", `${name}.key`, "-out", `${name}.crt`, "-days", "2", "-subj", `/CN=${cn}`], dir);
   makeCa("ca", "Multigres Test CA");
   makeCa("other-ca", "Unrelated Test CA");
-  const makeServer = (name: string, serial: string): CertFiles => {
-    openssl(["req", "-new", "-config", "openssl.cnf", ...ec, "-keyout", `${name}.key`, "-out", `${name}.csr`, "-subj", "/CN=localhost"], dir);
+  const issue = (name: string, serial: string, cn: string, extensions: "server" | "client"): CertFiles => {
+    openssl(["req", "-new", "-config", "openssl.cnf", ...ec, "-keyout", `${name}.key`, "-out", `${name}.csr`, "-subj", `/CN=${cn}`], dir);
     openssl(
       ["x509", "-req", "-in", `${name}.csr`, "-CA", "ca.crt", "-CAkey", "ca.key", "-set_serial", `0x${serial}`, "-days", "2",
-        "-extfile", "openssl.cnf", "-extensions", "server", "-out", `${name}.crt`],
+        "-extfile", "openssl.cnf", "-extensions", extensions, "-out", `${name}.crt`],
       dir,
     );
     chmodSync(join(dir, `${name}.key`), 0o600);
     return { cert: join(dir, `${name}.crt`), key: join(dir, `${name}.key`), serial };
   };
-  const server = makeServer("server", "5EC0A1");
-  const server2 = makeServer("server2", "5EC0B2");
+  const server = issue("server", "5EC0A1", "localhost", "server");
+  const server2 = issue("server2", "5EC0B2", "localhost", "server");
+  let clients = 0;
   return {
     dir,
     ca: join(dir, "ca.crt"),
@@ -102,6 +109,7 @@ export function makeTestPki(): TestPki {
     server,
     server2,
     otherCa: join(dir, "other-ca.crt"),
+    client: (cn) => issue(`client-${++clients}`, `C1E47${clients}`, cn, "client"),
     cleanup: () => rmSync(dir, { recursive: true, force: true }),
   };
 }
@@ -115,19 +123,24 @@ function postgresIds(): { uid: number; gid: number } {
   return { uid: Number(id("-u")), gid: Number(id("-g")) };
 }
 
-/** Copies of a certificate and key the server process can read (key 0600, owned by it). */
-export function serverSslFiles(cert: CertFiles): { dir: string; cert: string; key: string } {
+/**
+ * Copies of a certificate and key the server process can read (key 0600,
+ * owned by it), and of the CA it checks client certificates against.
+ */
+export function serverSslFiles(cert: CertFiles, ca?: string): { dir: string; cert: string; key: string; ca?: string } {
   const dir = mkdtempSync(join(tmpdir(), "multigres-pgssl-"));
   const certPath = join(dir, "server.crt");
   const keyPath = join(dir, "server.key");
+  const caPath = ca ? join(dir, "ca.crt") : undefined;
   writeFileSync(certPath, readFileSync(cert.cert));
   writeFileSync(keyPath, readFileSync(cert.key), { mode: 0o600 });
+  if (ca && caPath) writeFileSync(caPath, readFileSync(ca));
   if (isRoot) {
     // The managed cluster runs as the postgres OS user.
     const { uid, gid } = postgresIds();
-    for (const p of [dir, certPath, keyPath]) chownSync(p, uid, gid);
+    for (const p of [dir, certPath, keyPath, caPath]) if (p) chownSync(p, uid, gid);
   }
-  return { dir, cert: certPath, key: keyPath };
+  return { dir, cert: certPath, key: keyPath, ca: caPath };
 }
 
 /**
@@ -156,10 +169,11 @@ async function waitForUpstreamSsl(pg: PgInstance, want: boolean, timeoutMs = 20_
 }
 
 /** ALTER SYSTEM ssl = on with this certificate, reload, wait until it applies. */
-export async function enableUpstreamSsl(pg: PgInstance, files: { cert: string; key: string }): Promise<void> {
+export async function enableUpstreamSsl(pg: PgInstance, files: { cert: string; key: string; ca?: string }): Promise<void> {
   const lit = (s: string) => `'${s.replaceAll("'", "''")}'`;
   await pg.sql.unsafe(`ALTER SYSTEM SET ssl_cert_file = ${lit(files.cert)}`);
   await pg.sql.unsafe(`ALTER SYSTEM SET ssl_key_file = ${lit(files.key)}`);
+  if (files.ca) await pg.sql.unsafe(`ALTER SYSTEM SET ssl_ca_file = ${lit(files.ca)}`);
   await pg.sql.unsafe(`ALTER SYSTEM SET ssl = on`);
   await pg.sql.unsafe(`SELECT pg_reload_conf()`);
   await waitForUpstreamSsl(pg, true);
@@ -173,6 +187,7 @@ export async function disableUpstreamSsl(pg: PgInstance): Promise<void> {
   await pg.sql.unsafe(`ALTER SYSTEM RESET ssl`);
   await pg.sql.unsafe(`ALTER SYSTEM RESET ssl_cert_file`);
   await pg.sql.unsafe(`ALTER SYSTEM RESET ssl_key_file`);
+  await pg.sql.unsafe(`ALTER SYSTEM RESET ssl_ca_file`);
   await pg.sql.unsafe(`SELECT pg_reload_conf()`);
 }
 

@@ -30,6 +30,7 @@ import { join } from "node:path";
 import tls from "node:tls";
 import {
   APP_USER,
+  CERT_USER,
   CONTEXT_SECRET,
   connectError,
   describeRun,
@@ -456,7 +457,7 @@ describe("upstream TLS: PostgreSQL with ssl=on", () => {
   let sslDir: string | undefined;
   let enabled = false;
   beforeAll(async () => {
-    const files = serverSslFiles(pki.server);
+    const files = serverSslFiles(pki.server, pki.ca); // the CA also checks client certificates (cert_user)
     sslDir = files.dir;
     enabled = true;
     await enableUpstreamSsl(pg, files);
@@ -484,6 +485,27 @@ describe("upstream TLS: PostgreSQL with ssl=on", () => {
       expect(await upstreamSsl(p), p.logs()).toBe(ssl);
     });
   }
+
+  test("the proxy logs in with a client certificate (pg_hba cert); the client still authenticates at the proxy", async () => {
+    const cert = pki.client(CERT_USER);
+    const p = await proxyWith(["--upstream-tls", "verify-full", "--upstream-ca", pki.ca, "--upstream-cert", cert.cert, "--upstream-key", cert.key]);
+    const certUser = `${CERT_USER}.${TENANT_A}`;
+    await withClient(p.url({ user: certUser, password: PASSWORDS[CERT_USER] }), async (sql) => {
+      const [row] = await sql`SELECT current_user AS usr, current_tenant_id() AS tenant, pg_backend_pid() AS pid,
+                                     (SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()) AS ssl`;
+      expect({ usr: row!.usr, tenant: row!.tenant, ssl: row!.ssl }).toEqual({ usr: CERT_USER, tenant: TENANT_A, ssl: true });
+      if (pg.mode === "managed") {
+        const line = pg.serverLog().split("\n").find((l) => l.includes(`[${row!.pid}]`) && l.includes("connection authenticated:"));
+        expect(line).toContain("method=cert");
+      }
+    });
+    const err = await connectError(p.url({ user: certUser, password: "wrong" }));
+    expect(err.code).toBe("28P01");
+    // Without the certificate the server refuses the role: the client is told the proxy could not log in.
+    const noCert = await proxyWith(["--upstream-tls", "verify-full", "--upstream-ca", pki.ca]);
+    const refused = await connectError(noCert.url({ user: certUser, password: PASSWORDS[CERT_USER] }));
+    expect(`${refused.code} ${refused.message}`).toBe(`08006 multigres could not log in to PostgreSQL as "${CERT_USER}"`);
+  });
 
   test("verify-full, SCRAM user through TLS both ways (postgres.js)", async () => {
     const p = await proxyWith(["--tls-cert", pki.server.cert, "--tls-key", pki.server.key, "--upstream-tls", "verify-full", "--upstream-ca", pki.ca]);
