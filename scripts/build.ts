@@ -1,6 +1,7 @@
 #!/usr/bin/env bun
 /**
- * Build the standalone binary: `bun run build` → dist/multigres.
+ * Build the standalone binary: `bun run build` → dist/multigres, and the
+ * package's library entry (src/lib.ts) for Node → dist/lib.js.
  *
  * Equivalent to `bun build --compile src/index.ts --outfile dist/multigres`.
  * sql/setup.sql is embedded by src/ itself (imported `with { type: "text" }`).
@@ -33,4 +34,14 @@ if (proc.exitCode !== 0) {
   console.error(`build failed (exit ${proc.exitCode ?? proc.signalCode}): ${cmd.join(" ")}`);
   process.exit(proc.exitCode || 1);
 }
-console.log(`built ${outfile} in ${Math.round(performance.now() - started)} ms`);
+// The library part of the npm package (src/lib.ts), for Node as well as Bun.
+const lib = Bun.spawnSync([process.execPath, "build", join(root, "src", "lib.ts"), "--target", "node", "--outfile", join(root, "dist", "lib.js")], {
+  cwd: root,
+  stdout: "inherit",
+  stderr: "inherit",
+});
+if (lib.exitCode !== 0) {
+  console.error("build of dist/lib.js failed");
+  process.exit(lib.exitCode || 1);
+}
+console.log(`built ${outfile} and dist/lib.js in ${Math.round(performance.now() - started)} ms`);
