@@ -20,7 +20,11 @@
  * - Parse: postgres.js sql.unsafe("set role postgres", [], { prepare: true })
  *   gets 42501 (again from the cached statement), in a pipeline the queries
  *   around it still succeed;
- * - a Query larger than one TCP read is still inspected whole;
+ * - a Query larger than one TCP read is still inspected whole; one over
+ *   --guard-max-statement that might change the context is refused (54000),
+ *   one with none of the words passes, a larger limit reads it;
+ * - ALTER/CREATE/DROP ROLE in its forms and set_config with a computed or
+ *   bound name are refused (42501); a literal name with a bound value runs;
  * - the log says a statement was refused without echoing it;
  * - superuser sessions (no tenant) are not guarded.
  */
@@ -359,6 +363,75 @@ describe("messages larger than one read", () => {
       const [row] = await rows(sql, `select length('${big} set role postgres; reset all') as n`);
       expect(row).toEqual({ n: big.length + " set role postgres; reset all".length });
       await expectContextIntact(sql);
+    }));
+});
+
+describe("statements over --guard-max-statement (1 MiB by default)", () => {
+  const huge = "y".repeat(1_200_000);
+
+  test("a larger Query that might change the context is refused with 54000; the session goes on", () =>
+    asTenantA(async (sql) => {
+      const o = await outcome(() => sql.unsafe(`select length('${huge}'); set role postgres`));
+      expect(o.ok).toBe(false);
+      expect(!o.ok && o.code).toBe("54000");
+      expect(!o.ok && o.message).toMatch(/^multigres: a statement of \d+ bytes is larger than the guard reads \(--guard-max-statement 1048576\)/);
+      await expectContextIntact(sql);
+      // The same over Parse: a bind parameter would have been the place for the data.
+      const p = await outcome(() => sql.unsafe(`select length('${huge}'), current_setting('role')`, [], { prepare: true }));
+      expect(!p.ok && p.code).toBe("54000");
+      await expectContextIntact(sql);
+    }));
+
+  test("a larger Query with none of the words the rules look for passes whole (bulk data)", () =>
+    asTenantA(async (sql) => {
+      const [row] = await rows(sql, `select length('${huge}') as n`);
+      expect(row).toEqual({ n: huge.length });
+      await expectContextIntact(sql);
+    }));
+
+  test("a larger limit reads it: an ordinary statement of the same size then passes", async () => {
+    const roomy = await startProxyFor(pg, { args: ["--guard-max-statement", String(4 << 20)] });
+    try {
+      await withClient(roomy.url({ user: `${APP_USER}.${TENANT_A}`, password: PASSWORDS[APP_USER] }), async (sql) => {
+        const [row] = await rows(sql, `select length('${huge}') as n, current_setting('role') as r`);
+        expect(row).toEqual({ n: huge.length, r: APP_USER });
+        expectGuardRefusal(await outcome(() => sql.unsafe(`select length('${huge}'); set role postgres`)));
+        await expectContextIntact(sql);
+      });
+    } finally {
+      await roomy.stop();
+    }
+  });
+});
+
+describe("roles and computed setting names (the credential store is the fix; this is defence in depth)", () => {
+  const refused = [
+    `ALTER ROLE ${APP_USER} PASSWORD 'x'`,
+    "ALTER ROLE CURRENT_USER WITH PASSWORD 'x'",
+    `ALTER USER ${APP_USER} VALID UNTIL 'infinity'`,
+    `ALTER ROLE ${APP_USER} SET search_path = pg_temp, public`,
+    "CREATE ROLE guard_evil",
+    "DROP ROLE IF EXISTS guard_evil",
+    `DO $$ BEGIN ALTER ROLE ${APP_USER} PASSWORD 'x'; END $$`,
+    "select set_config(lower('ROLE'), 'none', false)",
+    "select set_config(lower('APP.CURRENT_TENANT_ID_SIG'), '', false)",
+  ];
+  for (const sql of refused) {
+    test(`${JSON.stringify(sql)}: 42501, simple Query and Parse`, () =>
+      asTenantA(async (c) => {
+        expectGuardRefusal(await outcome(() => c.unsafe(sql)));
+        expectGuardRefusal(await outcome(() => c.unsafe(sql, [], { prepare: true })));
+        await expectContextIntact(c);
+      }));
+  }
+
+  test("set_config with the name as a bind parameter: 42501; with a literal name and a bound value: runs", () =>
+    asTenantA(async (c) => {
+      expectGuardRefusal(await outcome(() => c`select set_config(${"app.other"}, ${"x"}, false)`));
+      expect(await rows(c, `select set_config('app.other', 'y', false) as v`)).toEqual([{ v: "y" }]);
+      const [bound] = await c`select set_config('app.other', ${"z"}, false) as v`;
+      expect(bound).toEqual({ v: "z" });
+      await expectContextIntact(c);
     }));
 });
 

@@ -558,6 +558,71 @@ describe("fuzz: random and malformed first packets", () => {
 
 // ================================================================ lengths and layouts
 
+describe("garbage during the proxy's own authentication (--auth proxy)", () => {
+  let proxy: ProxyHandle;
+  beforeAll(async () => {
+    proxy = await startProxyFor(pg);
+  });
+  afterAll(async () => {
+    await proxy?.stop();
+  });
+
+  const user = `${TRUST_USER}.${TENANT_A}`;
+  /** A SASLInitialResponse with arbitrary mechanism and data, a raw 'p' body, or another message type. */
+  const garbage = fc.oneof(
+    fc.record({ mechanism: fc.constantFrom("SCRAM-SHA-256", "SCRAM-SHA-256-PLUS", "PLAIN", ""), data: fc.string({ maxLength: 120 }) }).map(({ mechanism, data }) => {
+      const d = enc.encode(data);
+      return typedMessage("p", Buffer.concat([enc.encode(`${mechanism}\0`), be32(d.length), d]));
+    }),
+    fc.uint8Array({ maxLength: 200 }).map((b) => typedMessage("p", b)),
+    fc.tuple(fc.constantFrom("Q", "X", "S", "E", "p"), fc.uint8Array({ maxLength: 40 })).map(([t, b]) => typedMessage(t, b)),
+  );
+
+  test("300 random first answers to the SASL request: an ErrorResponse (08P01 or 28P01) or a close, never AuthenticationOk; the proxy serves on", async () => {
+    const cases = fc.sample(garbage, { numRuns: 300, seed: 20261130 });
+    const seen = new Map<string, number>();
+    await pool(cases, 20, async (bytes, i) => {
+      const c = await RawClient.open(proxy.port, `garbage auth ${i}`);
+      try {
+        await c.send(startupPacket({ user, database: pg.database }));
+        const sasl = await c.readMessage("the SASL request");
+        expect(sasl.type).toBe("R");
+        expect(sasl.body.readInt32BE(0)).toBe(10);
+        await c.send(bytes);
+        c.end();
+        await c.waitClosed();
+        const rest = c.rest();
+        // Whatever came back, it is no AuthenticationOk: at most an error.
+        if (rest.length > 0) {
+          expect(String.fromCharCode(rest[0]!)).toMatch(/^[ER]$/);
+          if (rest[0] === 0x52) expect(rest.readInt32BE(5)).toBe(11); // a SASL continue for a well-formed first message
+          const e = rest.indexOf(0x45);
+          if (e >= 0) {
+            const code = errorFields(rest.subarray(e + 5, e + 1 + rest.readUInt32BE(e + 1))).C!;
+            expect(code).toMatch(/^(08P01|28P01)$/);
+            seen.set(code, (seen.get(code) ?? 0) + 1);
+          }
+        }
+      } finally {
+        c.destroy();
+      }
+    });
+    expect(seen.get("08P01") ?? 0).toBeGreaterThan(0);
+    await assertHealthy(proxy);
+  }, 300_000);
+
+  test("a correct SCRAM exchange with the proof of another password: 28P01, and the next client logs in", async () => {
+    const c = await RawClient.open(proxy.port, "wrong proof");
+    try {
+      await c.send(startupPacket({ user, database: pg.database }));
+      await expect(authenticate((what) => c.readMessage(what), (b) => c.send(b), "not-the-password", user)).rejects.toThrow(/"C":"28P01"/);
+    } finally {
+      c.destroy();
+    }
+    await assertHealthy(proxy);
+  });
+});
+
 describe("malformed lengths and layouts", () => {
   let proxy: ProxyHandle;
   beforeAll(async () => {

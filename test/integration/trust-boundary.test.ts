@@ -80,7 +80,7 @@ async function sees(p: ProxyHandle, tenant: string, password: string) {
   return withClient(url(p, tenant, password), async (sql) => {
     const [row] = await sql`SELECT current_tenant_id() AS tenant, (SELECT count(*)::int FROM notes) AS n,
                                    (SELECT count(*)::int FROM notes WHERE tenant_id <> ${tenant}) AS foreign_rows`;
-    return row;
+    return row!;
   });
 }
 

@@ -178,3 +178,17 @@ describe("SCRAM verifiers (pg_authid.rolpassword)", () => {
     }
   });
 });
+
+describe("SCRAM server on arbitrary input", () => {
+  test("property: first() and final() never throw, and nothing but the right proof is accepted", () => {
+    const verifier = buildVerifier("pencil", SALT, 64);
+    fc.assert(
+      fc.property(fc.string({ maxLength: 40 }), fc.string({ maxLength: 200 }), fc.string({ maxLength: 200 }), (mechanism, first, final) => {
+        const s = new ScramServer({ verifier, channelBinding: Buffer.alloc(32, 1) });
+        const r1 = s.first(mechanism, first);
+        if (r1.ok) expect(s.final(final).ok).toBe(false);
+      }),
+      { numRuns: 2000 },
+    );
+  });
+});
