@@ -240,8 +240,9 @@ export function installContextKey(pg: Pg): boolean {
 /**
  * One statement that establishes the tenant context by hand, as an
  * application without the proxy would: the tenant setting and, for signed
- * contexts, HMAC-SHA256(key, tenant || '/' || pg_backend_pid()) computed in
- * SQL from the key's precomputed pads (what the proxy computes in-process).
+ * contexts, HMAC-SHA256(key, tenant || '/' || multigres.backend_binding())
+ * computed in SQL from the key's precomputed pads (what the proxy computes
+ * in-process).
  */
 export function manualContextSql(signed: boolean, tenant = BENCH_TENANT): string {
   const set = `pg_catalog.set_config('${TENANT_SETTING}', '${tenant}', false)`;
@@ -253,7 +254,7 @@ export function manualContextSql(signed: boolean, tenant = BENCH_TENANT): string
     for (let i = 0; i < 64; i++) b[i] = b[i]! ^ x;
     return `'\\x${b.toString("hex")}'::bytea`;
   };
-  const sig = `encode(sha256(${pad(0x5c)} || sha256(${pad(0x36)} || convert_to('${tenant}/' || pg_backend_pid(), 'UTF8'))), 'hex')`;
+  const sig = `encode(sha256(${pad(0x5c)} || sha256(${pad(0x36)} || convert_to('${tenant}/' || multigres.backend_binding(), 'UTF8'))), 'hex')`;
   return `SELECT ${set}, pg_catalog.set_config('${TENANT_SETTING}_sig', ${sig}, false)`;
 }
 

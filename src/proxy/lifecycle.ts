@@ -357,6 +357,7 @@ function contextDone(s: Session, result: ContextResult): State {
     s.log.error(`tenant context not established: ${result.error.message}`);
     return s.fail(result.error);
   }
+  s.contextVerified();
   // The client's first ReadyForQuery comes only now, with the context in place.
   s.toClient(result.ready);
   s.log.debug(`tenant context in place ${s.contextMs().toFixed(3)} ms after the server was ready`);

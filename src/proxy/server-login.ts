@@ -35,7 +35,12 @@ export type LoginResult =
       ok: false;
       /** For the log and the operator: what went wrong, the server's words where it spoke. */
       message: string;
-      /** The server refused the credential (28P01 / 28000): a configuration problem, not an outage. */
+      /**
+       * The server refused the proxy's credential itself (28P01, or none
+       * configured): wrong for this role everywhere, whichever database a
+       * client asked for, and so worth a 503 in /readyz. Other refusals
+       * (pg_hba reject, no such database) depend on what the client asked.
+       */
       refused: boolean;
     };
 
@@ -97,7 +102,7 @@ export function logIn(server: ServerConnection, request: LoginRequest, done: (re
         return verified ? "more" : fail("the server's SCRAM signature did not verify (is --upstream really PostgreSQL?)");
       }
       default:
-        return fail(`the server asks for authentication method ${req.code} (GSSAPI/SSPI/Kerberos), which the proxy does not support upstream`, true);
+        return fail(`the server asks for authentication method ${req.code} (GSSAPI/SSPI/Kerberos), which the proxy does not support upstream`);
     }
   };
 
@@ -110,7 +115,7 @@ export function logIn(server: ServerConnection, request: LoginRequest, done: (re
       case MSG.errorResponse: {
         const f = readErrorFields(m.body);
         const code = f.get("C") ?? "";
-        return fail(`${f.get("M") ?? "error"} (${code || "no SQLSTATE"})`, code === "28P01" || code === "28000");
+        return fail(`${f.get("M") ?? "error"} (${code || "no SQLSTATE"})`, code === "28P01");
       }
       case MSG.parameterStatus: {
         server.parameters.set(readParameterStatus(m.body)[0], m.raw.slice());

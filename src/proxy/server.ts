@@ -105,6 +105,7 @@ export async function startProxy(config: Config): Promise<RunningProxy> {
       ctx.contextKey = deriveContextKey(next.contextSecret);
       const nextKeyId = contextKeyId(ctx.contextKey);
       log.info(nextKeyId === keyId ? "config reloaded" : `config reloaded; new sessions are signed with key ${nextKeyId}`);
+      void checkUpstream(ctx); // a new key, password or database list: check again
     },
 
     shutdown() {

@@ -479,17 +479,17 @@ export class Session implements ServerOwner {
     logIn(this.server!, { params: this.upstreamParams!, password: upstreamPasswordFor(this.config, role) }, (result) => this.dispatch("server:login", result));
   }
 
-  private get upstreamLogin(): string {
-    return `login as ${this.upstreamParams?.get("user")}@${this.upstreamParams?.get("database")}`;
-  }
-
   upstreamLoginFailed(result: Extract<LoginResult, { ok: false }>): void {
-    this.log.error(`could not log in to PostgreSQL with the proxy's credential (${this.upstreamLogin}): ${result.message}`, { event: "upstream_login_failed" });
-    if (result.refused) this.ctx.health.report(this.upstreamLogin, result.message);
+    const role = this.upstreamParams!.get("user")!;
+    this.log.error(`could not log in to PostgreSQL with the proxy's credential (login as ${role}@${this.upstreamParams!.get("database")}): ${result.message}`, {
+      event: "upstream_login_failed",
+    });
+    // Keyed by role: a refused password is wrong in every database.
+    if (result.refused) this.ctx.health.report(`login as ${role}`, result.message);
   }
 
   upstreamLoginSucceeded(): void {
-    this.ctx.health.report(this.upstreamLogin, undefined);
+    this.ctx.health.report(`login as ${this.upstreamParams!.get("user")}`, undefined);
   }
 
   /** ParameterStatus messages the server sent at login, for the client. */
@@ -516,6 +516,11 @@ export class Session implements ServerOwner {
       (result) => this.dispatch("context:done", result),
     );
     return "injecting";
+  }
+
+  /** A context verified here: whatever the startup check found wrong for this role and database is fixed. */
+  contextVerified(): void {
+    this.ctx.health.report(`context check as ${this.upstreamParams?.get("user")}@${this.upstreamParams?.get("database")}`, undefined);
   }
 
   /** Milliseconds the context round took (for the debug log). */

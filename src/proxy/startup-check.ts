@@ -1,9 +1,10 @@
 /**
- * `multigres start` checks, once, what every tenant session will need: that
- * its upstream credential logs in, that `multigres setup` is installed and
- * current in each served database, that the database knows this proxy's
- * context key, and that the role cannot bypass row-level security. It says
- * so in the log either way, and a problem shows in /readyz.
+ * `multigres start` checks, once (and again on SIGHUP), what every tenant
+ * session will need: that its upstream credential logs in, that `multigres
+ * setup` is installed and current in each served database, that the
+ * database knows this proxy's context key, and that the role cannot bypass
+ * row-level security. It says so in the log either way, and a problem shows
+ * in /readyz until a check or a session's verified context clears it.
  *
  * It runs the same statements a session runs (tenant/context.ts), with no
  * tenant: a stored key answers 'no context', a missing one 'no key'.
