@@ -2,7 +2,8 @@
  * Where client passwords are checked against (src/auth/*): the userlist
  * format, tenant tokens, the lookup order of Credentials (exact entry,
  * then shared role entry or token, then a mock), cleartext checks, and
- * tls-server-end-point channel binding data against openssl.
+ * tls-server-end-point channel binding data against openssl, and one
+ * client's exchange (ClientAuth) from offer to Ok or 28P01.
  */
 import { describe, expect, test } from "bun:test";
 import { createHmac } from "node:crypto";
@@ -17,6 +18,7 @@ import { ScramServer } from "../../src/auth/scram-server.ts";
 import { scramContinue, scramStart } from "../../src/auth/scram-client.ts";
 import { buildVerifier, formatVerifier, type ScramVerifier } from "../../src/auth/scram.ts";
 import { parseDuration, permanentToken, tenantToken, verifyTenantToken } from "../../src/auth/token.ts";
+import { ClientAuth } from "../../src/proxy/client-auth.ts";
 
 const TOKEN_SECRET = "t".repeat(40);
 
@@ -194,5 +196,56 @@ describe("tls-server-end-point", () => {
     expect(tlsServerEndPoint(readFileSync(join(dir, "ed.crt"), "utf8"))).toBeUndefined();
     expect(tlsServerEndPoint("not a certificate")).toBeUndefined();
     fc.assert(fc.property(fc.uint8Array({ maxLength: 200 }), (b) => void signatureAlgorithm(b)));
+  });
+});
+
+describe("ClientAuth (one client's exchange at the proxy)", () => {
+  const R = (m: Uint8Array) => Buffer.from(m).readInt32BE(5); // authentication code of an 'R' message
+  const body = (m: Uint8Array) => Buffer.from(m).subarray(5);
+  const initial = (mechanism: string, data: string) => {
+    const d = Buffer.from(data);
+    const len = Buffer.alloc(4);
+    len.writeInt32BE(d.length);
+    return Buffer.concat([Buffer.from(`${mechanism}\0`), len, d]);
+  };
+  const load = () => Credentials.load({ authFile: { path: "/u", text: `"app_user" "right-pw"\n` }, tenantAuth: "shared" });
+  const acme = { user: "app_user.acme", role: "app_user", tenant: "acme" };
+
+  async function scram(auth: ClientAuth, password: string) {
+    const offer = auth.request();
+    expect(R(offer)).toBe(10);
+    const { state, clientFirst } = scramStart(password);
+    const cont = await auth.message(initial("SCRAM-SHA-256", clientFirst));
+    if (cont.kind !== "continue") return cont;
+    expect(R(cont.send)).toBe(11);
+    return auth.message(Buffer.from(scramContinue(state, body(cont.send).subarray(4).toString())));
+  }
+
+  test("SCRAM: the right password ends with SASLFinal and AuthenticationOk", async () => {
+    const step = await scram(new ClientAuth(await load(), acme, "scram", undefined), "right-pw");
+    expect(step.kind).toBe("ok");
+    const send = Buffer.from((step as { send: Uint8Array }).send);
+    expect([send.readInt32BE(5), send.readInt32BE(send.length - 4)]).toEqual([12, 0]); // SASLFinal …, then R Ok
+  });
+
+  test("SCRAM: a wrong password and an unknown user both end in 28P01 for the name as typed; the reasons differ (for the log)", async () => {
+    const wrong = await scram(new ClientAuth(await load(), acme, "scram", undefined), "wrong-pw");
+    expect(wrong).toMatchObject({ kind: "failed", reason: 'password does not match (auth file entry "app_user")', error: { code: "28P01", message: 'password authentication failed for user "app_user.acme"' } });
+    const nobody = await scram(new ClientAuth(await load(), { user: "nobody.acme", role: "nobody", tenant: "acme" }, "scram", undefined), "x");
+    expect(nobody).toMatchObject({ kind: "failed", reason: "no auth-file entry or token for this user", error: { code: "28P01" } });
+  });
+
+  test("cleartext: AuthenticationCleartextPassword, then Ok or 28P01; nothing after the end", async () => {
+    const auth = new ClientAuth(await load(), acme, "password", undefined);
+    expect(R(auth.request())).toBe(3);
+    expect((await auth.message(Buffer.from("right-pw\0"))).kind).toBe("ok");
+    expect((await auth.message(Buffer.from("right-pw\0"))).kind).toBe("failed");
+    const bad = new ClientAuth(await load(), acme, "password", undefined);
+    expect(await bad.message(Buffer.from("nope\0"))).toMatchObject({ kind: "failed", error: { code: "28P01" } });
+  });
+
+  test("a malformed SASLInitialResponse throws (the session answers 08P01)", async () => {
+    const auth = new ClientAuth(await load(), acme, "scram", undefined);
+    expect(() => auth.message(Buffer.from("SCRAM-SHA-256\0\0\0\0\x09abc"))).toThrow(/malformed SASLInitialResponse/);
   });
 });
