@@ -9,7 +9,9 @@ import { startHttp, tcpReachable, type HttpListener } from "./admin/http.ts";
 import { startProxy, type RunningProxy } from "./proxy/server.ts";
 import { setupCommand } from "./db/setup.ts";
 import { doctorCommand } from "./db/doctor.ts";
+import { isMainThread } from "node:worker_threads";
 import { parseDuration, tenantToken } from "./auth/token.ts";
+import { serveGuardRequests } from "./guard/worker.ts";
 import setupSql from "../sql/setup.sql" with { type: "text" };
 import pkg from "../package.json" with { type: "json" };
 
@@ -151,4 +153,6 @@ const main = defineCommand({
   default: "start",
 });
 
-runMain(main);
+// The same entry point serves as the guard's worker thread (guard/worker.ts).
+if (isMainThread) runMain(main);
+else serveGuardRequests();

@@ -8,6 +8,7 @@
  * transaction block aborts it, as the refused statement would have).
  */
 import { concat } from "../protocol/messages.ts";
+import type { OversizeSink } from "../protocol/scanner.ts";
 import { checkSql, type Verdict } from "./rules.ts";
 
 const QUERY = 0x51; // 'Q'
@@ -17,14 +18,21 @@ const FUNCTION_CALL = 0x46; // 'F'
 const TEXT_OID = 25;
 
 /**
- * The default of --guard-max-statement. Lexing runs on the event loop, so a
- * statement the guard reads in full stalls every session for as long as it
- * takes (about 12 ms per MiB); a larger one that the byte filter cannot
- * clear is refused instead (54000), and one it can clear (no word any rule
- * looks for) passes at any size. Bulk data belongs in COPY or bind
+ * The default of --guard-max-statement: the largest statement the guard
+ * holds and reads. A larger Query, Parse or FunctionCall is refused (54000)
+ * without being held, whatever it says, so no client can make the proxy
+ * buffer more than this per session. Bulk data belongs in COPY or bind
  * parameters, which the guard never reads.
  */
 export const DEFAULT_MAX_STATEMENT = 1 << 20;
+
+/**
+ * Statements larger than this are lexed on the guard worker
+ * (guard/worker.ts), not on the event loop: a dense megabyte takes a few
+ * hundred milliseconds to lex, which would stall every other session.
+ * Below it the worst case is a few milliseconds.
+ */
+export const LEX_OFF_LOOP_ABOVE = 32 * 1024;
 
 /** pg_catalog.set_config(text, text, boolean): its OID is fixed in every release. */
 const SET_CONFIG_OID = 2078;
@@ -45,17 +53,9 @@ export function guardMessage(
   start: number,
   end: number,
   protectedNames: readonly string[],
-  maxStatement = DEFAULT_MAX_STATEMENT,
 ): Uint8Array | undefined {
   const from = start + 5;
   if (type !== FUNCTION_CALL && !mayBeForbidden(bytes, from, end)) return undefined;
-  if (type !== FUNCTION_CALL && end - from > maxStatement) {
-    const verdict = {
-      statement: `${end - from} bytes`,
-      reason: `a statement of ${end - from} bytes is larger than the guard reads (--guard-max-statement ${maxStatement}) and might change the role or the tenant context`,
-    };
-    return type === PARSE ? refuseParse(bytes.subarray(from, end), verdict, "54000") : frame(QUERY, [encoder.encode(refusal(verdict, "54000")), Uint8Array.of(0)]);
-  }
   const body = bytes.subarray(from, end);
   if (type === QUERY) {
     const verdict = checkSql(cstring(body, 0)[0], protectedNames);
@@ -105,6 +105,11 @@ export function mayBeForbidden(b: Uint8Array, from = 0, to = b.length): boolean 
   return false;
 }
 
+/** Whether a watched message needs the lexer (the byte filter could not clear it). */
+export function needsLexing(type: number, bytes: Uint8Array, start: number, end: number): boolean {
+  return type !== FUNCTION_CALL && mayBeForbidden(bytes, start + 5, end);
+}
+
 /**
  * A Parse whose statement is the refusal: same statement name and number of
  * parameters, so the client's Bind still fits; declared as text, since the
@@ -116,11 +121,57 @@ function refuseParse(body: Uint8Array, verdict: Verdict, code = "42501"): Uint8A
   const sqlEnd = body.indexOf(0, afterName);
   const afterSql = sqlEnd < 0 ? body.length : sqlEnd + 1;
   const count = afterSql + 2 <= body.length ? new DataView(body.buffer, body.byteOffset + afterSql, 2).getInt16(0) : 0;
-  const types = new Uint8Array(2 + 4 * Math.max(count, 0));
+  return refusedParse(name, count, verdict, code);
+}
+
+function refusedParse(name: string, count: number, verdict: Verdict, code: string): Uint8Array {
+  const n = Math.max(count, 0);
+  const types = new Uint8Array(2 + 4 * n);
   const view = new DataView(types.buffer);
-  view.setInt16(0, Math.max(count, 0));
-  for (let k = 0; k < count; k++) view.setInt32(2 + 4 * k, TEXT_OID);
+  view.setInt16(0, n);
+  for (let k = 0; k < n; k++) view.setInt32(2 + 4 * k, TEXT_OID);
   return frame(PARSE, [encoder.encode(name), Uint8Array.of(0), encoder.encode(refusal(verdict, code)), Uint8Array.of(0), types]);
+}
+
+/**
+ * What replaces a Query, Parse or FunctionCall over --guard-max-statement:
+ * a refusal with 54000, built while the body streams past unheld. A Parse
+ * keeps its statement name and parameter count (the bytes after its SQL),
+ * so the client's Bind still fits.
+ */
+export function oversizeSink(type: number, length: number, maxStatement: number): OversizeSink {
+  const verdict: Verdict = {
+    statement: `${length - 4} bytes`,
+    reason: `a statement of ${length - 4} bytes is larger than the guard reads (--guard-max-statement ${maxStatement}); send bulk data with COPY or as bind parameters`,
+  };
+  if (type !== PARSE) {
+    return { feed() {}, end: () => frame(QUERY, [encoder.encode(refusal(verdict, "54000")), Uint8Array.of(0)]) };
+  }
+  // Parse: name \0, SQL \0, then the parameter types, which are kept.
+  const name: Uint8Array[] = [];
+  const tail: Uint8Array[] = [];
+  let phase: "name" | "sql" | "types" = "name";
+  return {
+    feed(bytes) {
+      let at = 0;
+      while (at < bytes.length) {
+        if (phase === "types") {
+          tail.push(bytes.slice(at));
+          return;
+        }
+        const nul = bytes.indexOf(0, at);
+        if (phase === "name") name.push(bytes.slice(at, nul < 0 ? bytes.length : nul));
+        if (nul < 0) return;
+        phase = phase === "name" ? "sql" : "types";
+        at = nul + 1;
+      }
+    },
+    end() {
+      const types = concat(tail);
+      const count = types.length >= 2 ? new DataView(types.buffer, types.byteOffset, 2).getInt16(0) : 0;
+      return refusedParse(decoder.decode(concat(name)), count, verdict, "54000");
+    },
+  };
 }
 
 /** SQL that fails with `code` (42501 unless said) and says why. Only our own text goes in it. */

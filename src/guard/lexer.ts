@@ -36,6 +36,7 @@ const DOLLAR_TAG = /^\$([A-Za-z_\u0080-\uffff][A-Za-z0-9_\u0080-\uffff]*)?\$/;
  */
 export function lex(sql: string, backslashStrings = false): Token[] {
   const tokens: Token[] = [];
+  const backslash = new NextFinder(sql);
   let i = 0;
   const n = sql.length;
   while (i < n) {
@@ -45,16 +46,18 @@ export function lex(sql: string, backslashStrings = false): Token[] {
     if (c === " " || c === "\t" || c === "\n" || c === "\r" || c === "\f" || c === "\v") {
       i++;
     } else if (c === "-" && next === "-") {
-      const eol = sql.indexOf("\n", i);
-      i = eol < 0 ? n : eol + 1;
+      // To the end of the line, which for PostgreSQL's lexer is \n or \r.
+      let eol = i + 2;
+      while (eol < n && sql[eol] !== "\n" && sql[eol] !== "\r") eol++;
+      i = eol + 1;
     } else if (c === "/" && next === "*") {
       i = skipBlockComment(sql, i);
     } else if (c === "'") {
-      const [value, end] = quoted(sql, i + 1, "'", backslashStrings);
+      const [value, end] = quoted(sql, i + 1, "'", backslashStrings, backslash);
       tokens.push({ kind: "string", value });
       i = end;
     } else if ((c === "E" || c === "e") && next === "'") {
-      const [value, end] = quoted(sql, i + 2, "'", true);
+      const [value, end] = quoted(sql, i + 2, "'", true, backslash);
       tokens.push({ kind: "string", value });
       i = end;
     } else if ((c === "U" || c === "u") && next === "&" && (sql[i + 2] === "'" || sql[i + 2] === '"')) {
@@ -143,14 +146,14 @@ function skipBlockComment(sql: string, start: number): number {
  * itself. With `backslashes` (E'' strings) a backslash escapes the next
  * character. Returns the decoded text and the index after the close.
  */
-function quoted(sql: string, start: number, quote: string, backslashes: boolean): [string, number] {
+function quoted(sql: string, start: number, quote: string, backslashes: boolean, finder?: NextFinder): [string, number] {
   // Runs between quotes (and escapes) are sliced whole: a multi-megabyte
   // literal costs a few indexOf calls, not a loop per character.
   let value = "";
   let i = start;
   for (;;) {
     const q = sql.indexOf(quote, i);
-    const b = backslashes ? sql.indexOf("\\", i) : -1;
+    const b = backslashes ? (finder ? finder.next(i) : sql.indexOf("\\", i)) : -1;
     if (b >= 0 && (q < 0 || b < q) && b + 1 < sql.length) {
       const [decoded, length] = escapeAt(sql, b);
       value += sql.slice(i, b) + decoded;
@@ -166,17 +169,44 @@ function quoted(sql: string, start: number, quote: string, backslashes: boolean)
   }
 }
 
+/**
+ * The next backslash at or after a position, remembered: the lexer only
+ * moves forward, so thousands of E'' strings in a statement with no
+ * backslash after them cost one search to the end, not one each.
+ */
+class NextFinder {
+  private from = -1;
+  private at = -1;
+  constructor(private readonly sql: string) {}
+  next(i: number): number {
+    if (this.from < 0 || i < this.from || (this.at >= 0 && this.at < i)) {
+      this.from = i;
+      this.at = this.sql.indexOf("\\", i);
+    }
+    return this.at;
+  }
+}
+
+const SIMPLE_ESCAPES: Record<string, string> = { n: "\n", t: "\t", r: "\r", b: "\b", f: "\f" };
+const HEX_ESCAPE = /^x([0-9A-Fa-f]{1,2})/;
+const OCTAL_ESCAPE = /^[0-7]{1,3}/;
+const UNICODE_ESCAPE = /^(?:u([0-9A-Fa-f]{4})|U([0-9A-Fa-f]{8}))/;
+
 /** Decodes one E'' backslash escape at `i` (the backslash); returns it and its length. */
 function escapeAt(sql: string, i: number): [string, number] {
   const c = sql[i + 1]!;
-  const simple: Record<string, string> = { n: "\n", t: "\t", r: "\r", b: "\b", f: "\f" };
-  if (simple[c]) return [simple[c], 2];
-  const hex = /^x([0-9A-Fa-f]{1,2})/.exec(sql.slice(i + 1, i + 4));
-  if (hex) return [String.fromCharCode(parseInt(hex[1]!, 16)), 1 + hex[0].length];
-  const octal = /^[0-7]{1,3}/.exec(sql.slice(i + 1, i + 4));
-  if (octal) return [String.fromCharCode(parseInt(octal[0], 8) & 0xff), 1 + octal[0].length];
-  const unicode = /^(?:u([0-9A-Fa-f]{4})|U([0-9A-Fa-f]{8}))/.exec(sql.slice(i + 1, i + 10));
-  if (unicode) return [codePoint(parseInt(unicode[1] ?? unicode[2]!, 16)), 1 + unicode[0].length];
+  const simple = SIMPLE_ESCAPES[c];
+  if (simple) return [simple, 2];
+  if (c === "x") {
+    const hex = HEX_ESCAPE.exec(sql.slice(i + 1, i + 4));
+    if (hex) return [String.fromCharCode(parseInt(hex[1]!, 16)), 1 + hex[0].length];
+  } else if (c >= "0" && c <= "7") {
+    const octal = OCTAL_ESCAPE.exec(sql.slice(i + 1, i + 4))!;
+    return [String.fromCharCode(parseInt(octal[0], 8) & 0xff), 1 + octal[0].length];
+  } else if (c === "u" || c === "U") {
+    const unicode = UNICODE_ESCAPE.exec(sql.slice(i + 1, i + 10));
+    if (unicode) return [codePoint(parseInt(unicode[1] ?? unicode[2]!, 16)), 1 + unicode[0].length];
+  }
   return [c, 2];
 }
 

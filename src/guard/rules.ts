@@ -35,23 +35,27 @@ function check(tokens: Token[], names: readonly string[], depth: number): Verdic
 const BLOCK_STARTS = new Set(["begin", "then", "else", "loop"]);
 
 function checkStatement(t: Token[], names: readonly string[], depth: number): Verdict | undefined {
+  const v = checkHead(t, 0, names);
+  if (v) return v;
   if (depth > 0) {
     // Inside a function body `BEGIN SET ROLE …` or `IF … THEN RESET ALL`
     // is one statement to the splitter: also check from each such start.
+    // Only the head is looked at there (a few tokens), so a body of many
+    // BEGINs costs one pass, not one pass per BEGIN.
     for (let j = 1; j < t.length; j++) {
       const prev = t[j - 1]!;
       if (prev.kind === "word" && BLOCK_STARTS.has(prev.value)) {
-        const v = checkStatementHead(t.slice(j), names);
-        if (v) return v;
+        const w = checkHead(t, j, names);
+        if (w) return w;
       }
     }
   }
-  return checkStatementHead(t, names) ?? checkBodies(t, names, depth);
+  return checkSetConfig(t, names) ?? checkBodies(t, names, depth);
 }
 
-/** The statement forms recognised by their first words, and set_config() anywhere. */
-function checkStatementHead(t: Token[], names: readonly string[]): Verdict | undefined {
-  const word = (i: number) => (t[i]?.kind === "word" ? t[i]!.value : undefined);
+/** The statement forms recognised by their first words, from token `at`. */
+function checkHead(t: Token[], at: number, names: readonly string[]): Verdict | undefined {
+  const word = (i: number) => (t[at + i]?.kind === "word" ? t[at + i]!.value : undefined);
   let i = 0;
   const head = word(0);
 
@@ -61,26 +65,33 @@ function checkStatementHead(t: Token[], names: readonly string[]): Verdict | und
       // SET SESSION AUTHORIZATION vs SET SESSION <name>
       if (!(word(1) === "session" && word(2) === "authorization")) i = 2;
     }
-    const target = settingName(t, i);
-    if (target === "all" && head === "reset") return refuse(t, "RESET ALL would clear the tenant context and role");
-    if (target === "session" && word(i + 1) === "authorization") return refuse(t, "the session user is fixed by the proxy");
-    if (target && names.includes(target)) return refuse(t, `${target} is set by the proxy and cannot be changed`);
+    const target = settingName(t, at + i);
+    if (target === "all" && head === "reset") return refuse(t, at, "RESET ALL would clear the tenant context and role");
+    if (target === "session" && word(i + 1) === "authorization") return refuse(t, at, "the session user is fixed by the proxy");
+    if (target && names.includes(target)) return refuse(t, at, `${target} is set by the proxy and cannot be changed`);
   }
 
   if (head === "discard" && word(1) === "all") {
-    return refuse(t, "DISCARD ALL would clear the tenant context and role");
+    return refuse(t, at, "DISCARD ALL would clear the tenant context and role");
   }
 
   // Roles are the database's business, not a tenant's: a session of the
   // app role could change its own password, settings or memberships with
   // ALTER ROLE, whatever follows. (USER MAPPING is a foreign-data object.)
   if ((head === "alter" || head === "create" || head === "drop") && ROLE_WORDS.has(word(1) ?? "") && word(2) !== "mapping") {
-    return refuse(t, `${head.toUpperCase()} ${word(1)!.toUpperCase()} is not allowed through multigres`);
+    return refuse(t, at, `${head.toUpperCase()} ${word(1)!.toUpperCase()} is not allowed through multigres`);
   }
+  return undefined;
+}
 
-  // set_config(…) anywhere in an expression: its first argument must be one
-  // string literal naming an unprotected setting. Anything computed (a
-  // bind parameter, lower('ROLE'), 'app.' || x) could name a protected one.
+const ROLE_WORDS = new Set(["role", "user", "group"]);
+
+/**
+ * set_config(…) anywhere in a statement: its first argument must be one
+ * string literal naming an unprotected setting. Anything computed (a bind
+ * parameter, lower('ROLE'), 'app.' || x) could name a protected one.
+ */
+function checkSetConfig(t: Token[], names: readonly string[]): Verdict | undefined {
   for (let j = 0; j < t.length - 1; j++) {
     const tok = t[j]!;
     if (tok.kind !== "word" && tok.kind !== "ident") continue;
@@ -89,17 +100,14 @@ function checkStatementHead(t: Token[], names: readonly string[]): Verdict | und
     const arg = t[j + 2];
     const after = t[j + 3];
     if (arg?.kind !== "string" || after?.kind !== "op" || after.value !== ",") {
-      return refuse(t, "set_config() must name its setting with a string literal through multigres");
+      return refuse(t, 0, "set_config() must name its setting with a string literal through multigres");
     }
     if (names.includes(arg.value.trim().toLowerCase())) {
-      return refuse(t, `${arg.value} is set by the proxy and cannot be changed`);
+      return refuse(t, 0, `${arg.value} is set by the proxy and cannot be changed`);
     }
   }
-
   return undefined;
 }
-
-const ROLE_WORDS = new Set(["role", "user", "group"]);
 
 /** DO blocks and function bodies: look inside once (dynamic SQL built at run time is left to the database check). */
 function checkBodies(t: Token[], names: readonly string[], depth: number): Verdict | undefined {
@@ -128,11 +136,11 @@ function settingName(t: Token[], i: number): string | undefined {
   return name.toLowerCase();
 }
 
-function refuse(t: Token[], reason: string): Verdict {
+function refuse(t: Token[], at: number, reason: string): Verdict {
   const shown = t
-    .slice(0, 6)
+    .slice(at, at + 6)
     .map((x) => (x.kind === "string" ? "'…'" : x.kind === "ident" ? `"${x.value}"` : x.kind === "word" ? x.value.toUpperCase() : x.value))
     .join(" ")
     .replace(/ ?([.(]) ?/g, "$1");
-  return { statement: t.length > 6 ? `${shown} …` : shown, reason };
+  return { statement: t.length - at > 6 ? `${shown} …` : shown, reason };
 }

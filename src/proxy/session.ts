@@ -14,9 +14,10 @@ import { printable, type Identity } from "../tenant/identity.ts";
 import type { ScramClient } from "../auth/scram-client.ts";
 import type { Credentials } from "../auth/credentials.ts";
 import { signatureSetting } from "../tenant/context.ts";
-import { guardMessage, guardWatches } from "../guard/guard.ts";
+import { guardMessage, guardWatches, LEX_OFF_LOOP_ABOVE, needsLexing, oversizeSink } from "../guard/guard.ts";
+import { guardWorker } from "../guard/worker.ts";
 import { protectedSettings } from "../guard/rules.ts";
-import { MessageScanner } from "../protocol/scanner.ts";
+import { MessageScanner, type ScannerHooks, type Verdict } from "../protocol/scanner.ts";
 import { QueryTracker } from "../protocol/ready.ts";
 import type { CancelKey, CancelRegistry } from "./cancel.ts";
 import { ClientAuth, type Step } from "./client-auth.ts";
@@ -97,6 +98,10 @@ export class Session implements ServerOwner {
   private cancelKey: CancelKey | undefined;
   /** Set in the transparent state of a guarded tenant session. */
   private guard: MessageScanner | undefined;
+  /** The guard waits for a verdict from its worker: the client is not read meanwhile. */
+  private guardParked = false;
+  /** The server is not taking our writes: the client is not read meanwhile. */
+  private serverBacklogged = false;
   private protectedNames: string[] = [];
   /** Transaction status and whether a query is in flight (transparent state). */
   private tracker: QueryTracker | undefined;
@@ -263,11 +268,13 @@ export class Session implements ServerOwner {
   }
 
   serverBacklog(): void {
+    this.serverBacklogged = true;
     this.transport.pause();
   }
 
   serverClear(): void {
-    this.transport.resume();
+    this.serverBacklogged = false;
+    if (!this.guardParked) this.transport.resume();
   }
 
   // ------------------------------------------- actions for the lifecycle
@@ -337,10 +344,37 @@ export class Session implements ServerOwner {
     this.state = this.fail(errors.idleTimeout(limit));
   }
 
-  private inspect = (type: number, bytes: Uint8Array, start: number, end: number): Uint8Array | undefined => {
-    const replacement = guardMessage(type, bytes, start, end, this.protectedNames, this.config.guardMaxStatement);
+  private inspect = (type: number, bytes: Uint8Array, start: number, end: number): Verdict | Promise<Verdict> => {
+    // A big statement is lexed off the event loop; this session waits for it alone.
+    if (end - start > LEX_OFF_LOOP_ABOVE && needsLexing(type, bytes, start, end)) {
+      return guardWorker.check(type, bytes.slice(start, end), this.protectedNames).then((r) => this.refused(r));
+    }
+    return this.refused(guardMessage(type, bytes, start, end, this.protectedNames));
+  };
+
+  private refused(replacement: Verdict): Verdict {
     if (replacement) this.log.warn("refused a statement that would change the role or the tenant context (42501)");
     return replacement;
+  }
+
+  /** What the guard's scanner tells the session (see protocol/scanner.ts). */
+  private readonly scannerHooks: ScannerHooks = {
+    maxWatched: 0, // set in goTransparent, from the config
+    oversize: (type, length) => {
+      this.log.warn(`refused a statement of ${length - 4} bytes, over --guard-max-statement (54000)`);
+      return oversizeSink(type, length, this.config.guardMaxStatement);
+    },
+    parked: () => {
+      this.guardParked = true;
+      this.transport.pause();
+    },
+    resumed: () => {
+      this.guardParked = false;
+      if (!this.serverBacklogged) this.transport.resume();
+    },
+    failed: (e) => {
+      this.state = this.fail(e instanceof FramingError ? errors.invalidMessage(e.message) : errors.protocolError(e.message));
+    },
   };
 
   /** Answer an SSLRequest with 'S' and continue the connection over TLS. */
@@ -563,13 +597,15 @@ export class Session implements ServerOwner {
     this.tracker = new QueryTracker();
     this.lastClientActivity = performance.now();
     if (this.identity?.kind === "tenant" && this.config.guard) {
-      this.guard = new MessageScanner(guardWatches, MAX_CLIENT_MESSAGE);
+      // Statements up to --guard-max-statement are held and read (header included: +5).
+      this.scannerHooks.maxWatched = this.config.guardMaxStatement + 5;
+      this.guard = new MessageScanner(guardWatches, MAX_CLIENT_MESSAGE, this.scannerHooks);
       this.protectedNames = protectedSettings(this.config.tenantSetting, signatureSetting(this.config.tenantSetting));
     }
     for (const bytes of this.heldClient) this.clientToServer(bytes);
     this.heldClient = [];
     this.heldBytes = 0;
-    this.transport.resume();
+    if (!this.guardParked && !this.serverBacklogged) this.transport.resume();
     return this.closing ? "closed" : "transparent";
   }
 

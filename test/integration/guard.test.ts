@@ -29,8 +29,11 @@
  * - superuser sessions (no tenant) are not guarded.
  */
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { connect as netConnect } from "node:net";
+import { readFileSync } from "node:fs";
 import {
   APP_USER,
+  connect,
   describeRun,
   NOTES,
   PASSWORDS,
@@ -41,10 +44,12 @@ import {
   TENANT_A,
   withClient,
   writeTempFile,
+  passwordFor,
   type Client,
   type PgInstance,
   type ProxyHandle,
 } from "../harness/index.ts";
+import { authenticateToReady, errorFields as errorFieldsOf, type Message } from "../harness/raw-socket.ts";
 
 // test/preload.ts sets this too, but under `bun test` with several files
 // Bun 1.4 applies a preload's setDefaultTimeout to the first file only.
@@ -71,6 +76,64 @@ afterAll(async () => {
 });
 
 const tenantUrl = () => proxy.url({ user: `${APP_USER}.${TENANT_A}`, password: PASSWORDS[APP_USER] });
+
+function rssKb(pid: number): number {
+  return Number(/VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))?.[1] ?? 0);
+}
+
+const queryMessage = (sql: string) => {
+  const body = Buffer.from(`${sql}\0`);
+  const head = Buffer.alloc(5);
+  head.write("Q");
+  head.writeInt32BE(4 + body.length, 1);
+  return Buffer.concat([head, body]);
+};
+
+/** A raw tenant_a session, for messages postgres.js would not send (a 64 MiB header first, then its body). */
+async function connectRaw() {
+  const user = `${APP_USER}.${TENANT_A}`;
+  const socket = netConnect({ host: proxy.host, port: proxy.port });
+  await new Promise<void>((res, rej) => socket.once("connect", res).once("error", rej));
+  let buf = Buffer.alloc(0);
+  let wake: (() => void) | undefined;
+  socket.on("data", (d: Buffer) => {
+    buf = Buffer.concat([buf, d]);
+    wake?.();
+  });
+  const read = async (what: string): Promise<Message> => {
+    for (;;) {
+      if (buf.length >= 5 && buf.length >= 1 + buf.readInt32BE(1)) {
+        const len = buf.readInt32BE(1);
+        const m = { type: String.fromCharCode(buf[0]!), body: buf.subarray(5, 1 + len) };
+        buf = buf.subarray(1 + len);
+        return m;
+      }
+      if (socket.destroyed) throw new Error(`closed while waiting for ${what}`);
+      await new Promise<void>((r) => (wake = r));
+    }
+  };
+  const write = (b: Uint8Array) => new Promise<void>((res, rej) => socket.write(b, (e) => (e ? rej(e) : res())));
+  return {
+    write,
+    async login() {
+      const params = Buffer.from(`user\0${user}\0database\0${pg.database}\0\0`);
+      const head = Buffer.alloc(8);
+      head.writeInt32BE(8 + params.length, 0);
+      head.writeInt32BE(196608, 4);
+      await write(Buffer.concat([head, params]));
+      await authenticateToReady(read, write, passwordFor(user), user);
+    },
+    async untilReady(): Promise<Message[]> {
+      const out: Message[] = [];
+      for (;;) {
+        const m = await read("ReadyForQuery");
+        out.push(m);
+        if (m.type === "Z") return out;
+      }
+    },
+    close: () => socket.destroy(),
+  };
+}
 const asTenantA = <T>(fn: (sql: Client) => Promise<T>) => withClient(tenantUrl(), fn);
 
 type Outcome = { ok: true; result: unknown } | { ok: false; code: string | undefined; message: string; hint: string | undefined };
@@ -382,12 +445,42 @@ describe("statements over --guard-max-statement (1 MiB by default)", () => {
       await expectContextIntact(sql);
     }));
 
-  test("a larger Query with none of the words the rules look for passes whole (bulk data)", () =>
+  test("a larger Query is refused whatever it says: it is never held, so it cannot be read", () =>
     asTenantA(async (sql) => {
-      const [row] = await rows(sql, `select length('${huge}') as n`);
+      const o = await outcome(() => sql.unsafe(`select length('${huge}') as n`));
+      expect(!o.ok && o.code).toBe("54000");
+      expect(!o.ok && o.message).toContain("send bulk data with COPY or as bind parameters");
+      // The same data as a bind parameter is not the guard's business.
+      const [row] = await sql`select length(${huge}) as n`;
       expect(row).toEqual({ n: huge.length });
       await expectContextIntact(sql);
     }));
+
+  test("a 64 MiB Query is refused without being held: the proxy's memory stays flat while it streams past", async () => {
+    const sock = await connectRaw();
+    try {
+      await sock.login();
+      const before = rssKb(proxy.pid);
+      const size = 64 << 20;
+      const head = Buffer.alloc(5);
+      head.write("Q");
+      head.writeInt32BE(4 + size, 1);
+      await sock.write(head);
+      const block = Buffer.alloc(1 << 20, 0x61);
+      let peak = before;
+      for (let sent = 0; sent < size; sent += block.length) {
+        await sock.write(sent + block.length >= size ? Buffer.concat([block.subarray(0, block.length - 1), Buffer.from([0])]) : block);
+        peak = Math.max(peak, rssKb(proxy.pid));
+      }
+      const reply = await sock.untilReady();
+      const err = reply.find((m) => m.type === "E");
+      expect(err && errorFieldsOf(err.body).C).toBe("54000");
+      // Far less than the message: what is in flight, not what was sent.
+      expect(peak - before).toBeLessThan(32 * 1024);
+    } finally {
+      sock.close();
+    }
+  });
 
   test("a larger limit reads it: an ordinary statement of the same size then passes", async () => {
     const roomy = await startProxyFor(pg, { args: ["--guard-max-statement", String(4 << 20)] });
@@ -400,6 +493,37 @@ describe("statements over --guard-max-statement (1 MiB by default)", () => {
       });
     } finally {
       await roomy.stop();
+    }
+  });
+});
+
+describe("big statements are lexed off the event loop", () => {
+  test("while one session's megabyte of dense SQL is being read, another session's queries go on", async () => {
+    // Dense (a token every other byte) and just under the limit; the comment
+    // only makes the byte filter hand it to the lexer. PostgreSQL stops at
+    // its first word (a syntax error), so its reply is immediate: what takes
+    // time is the guard reading it.
+    const dense = `frobnicate ${"a,".repeat(500_000)}a -- set`;
+    const a = await connectRaw();
+    const b = connect(tenantUrl());
+    try {
+      await a.login();
+      await b`select 1`; // b is logged in and idle
+      const events: string[] = [];
+      // a's whole statement is at the proxy (the kernel took it) before b starts.
+      await a.write(queryMessage(dense));
+      const big = a.untilReady().then(() => events.push("a: done"));
+      for (let i = 0; i < 20; i++) {
+        await b`select ${i}::int as i`;
+        events.push(`b: ${i}`);
+      }
+      await big;
+      // Lexing that statement takes far longer than 20 round trips: had it
+      // run on the event loop, b's first query would have waited for it.
+      expect(events.indexOf("a: done")).toBe(20);
+    } finally {
+      a.close();
+      await b.end();
     }
   });
 });

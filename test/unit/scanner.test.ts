@@ -1,7 +1,7 @@
 import { describe, expect, test } from "bun:test";
 import fc from "fast-check";
 import { FramingError } from "../../src/protocol/framer.ts";
-import { MessageScanner } from "../../src/protocol/scanner.ts";
+import { MessageScanner, type ScannerHooks } from "../../src/protocol/scanner.ts";
 
 const msg = (type: string, body: string) => {
   const b = new TextEncoder().encode(body);
@@ -60,5 +60,77 @@ describe("MessageScanner", () => {
     scanner.scan(header, () => {}, () => undefined); // held as the 6 bytes that came
     expect(() => new MessageScanner(isWatched, 100).scan(Uint8Array.from([0x51, 0, 0, 1, 0]), () => {}, () => undefined)).toThrow(FramingError);
     expect(() => new MessageScanner(isWatched, 100).scan(Uint8Array.from([0x44, 0, 0, 0, 3]), () => {}, () => undefined)).toThrow(FramingError);
+  });
+});
+
+describe("MessageScanner: verdicts that take a while, and messages too large to hold", () => {
+  const hooks = (over: Partial<ScannerHooks> = {}): ScannerHooks & { parks: number; resumes: number } => {
+    const h = {
+      parks: 0,
+      resumes: 0,
+      maxWatched: 1 << 20,
+      oversize: () => ({ feed() {}, end: () => msg("Q", "oversize") }),
+      parked: () => void h.parks++,
+      resumed: () => void h.resumes++,
+      failed: (e: Error) => {
+        throw e;
+      },
+      ...over,
+    };
+    return h;
+  };
+
+  test("property: with some verdicts as promises, bytes still leave complete, in order, with the replacements", async () => {
+    const message = fc.tuple(fc.constantFrom("Q", "P", "d", "S"), fc.string({ maxLength: 30 }));
+    await fc.assert(
+      fc.asyncProperty(fc.array(message, { maxLength: 20 }), fc.array(fc.integer({ min: 1, max: 25 }), { maxLength: 40 }), async (messages, cuts) => {
+        const all = messages.map(([t, b]) => msg(t, b));
+        const stream = join(all);
+        const h = hooks();
+        const scanner = new MessageScanner(isWatched, 1 << 20, h);
+        const out: number[] = [];
+        const settle: Array<() => void> = [];
+        const inspect = (t: number, bytes: Uint8Array, start: number) => {
+          const replace = t === 0x51 && bytes[start + 5] === 0x78 ? msg("Q", "replaced") : undefined;
+          // Every P is judged later (as the guard's worker would).
+          if (t !== 0x50) return replace;
+          return new Promise<Uint8Array | undefined>((resolve) => settle.push(() => resolve(replace)));
+        };
+        let at = 0;
+        for (let i = 0; at < stream.length; i++) {
+          const k = cuts.length > 0 ? cuts[i % cuts.length]! : stream.length;
+          scanner.scan(stream.slice(at, at + k), (b) => out.push(...b), inspect);
+          at += k;
+          // Settle what is pending now and then, not always at once.
+          if (i % 2 === 0) while (settle.length) { settle.shift()!(); await Promise.resolve(); await Promise.resolve(); }
+        }
+        while (scanner.isParked || settle.length) {
+          settle.shift()?.();
+          await new Promise((r) => setImmediate(r));
+        }
+        const expected = join(all.map((m) => (m[0] === 0x51 && m[5] === 0x78 ? msg("Q", "replaced") : m)));
+        expect(Uint8Array.from(out)).toEqual(expected);
+        expect(h.resumes).toBe(h.parks);
+      }),
+      { numRuns: 300 },
+    );
+  });
+
+  test("a watched message over maxWatched is streamed into the sink, never held, and replaced in place", () => {
+    const fed: number[] = [];
+    const h = hooks({
+      maxWatched: 64,
+      oversize: (type, length) => {
+        expect([String.fromCharCode(type), length]).toEqual(["Q", 4 + 200]);
+        return { feed: (b) => fed.push(...b), end: () => msg("Q", "refused") };
+      },
+    });
+    const scanner = new MessageScanner(isWatched, 1 << 20, h);
+    const big = msg("Q", "z".repeat(200));
+    const stream = join([msg("S", ""), big, msg("Q", "small")]);
+    const out: number[] = [];
+    for (let at = 0; at < stream.length; at += 7) scanner.scan(stream.slice(at, at + 7), (b) => out.push(...b), () => undefined);
+    expect(Uint8Array.from(out)).toEqual(join([msg("S", ""), msg("Q", "refused"), msg("Q", "small")]));
+    expect(String.fromCharCode(...fed)).toBe("z".repeat(200));
   });
 });
