@@ -244,6 +244,14 @@ export function resolveConfig(sources: Sources): Config {
     if (c.upstreamCert && c.upstreamTls === "disable") {
       problems.push(`${origin.upstreamTls}: a client certificate (--upstream-cert) needs TLS to the upstream, not "disable"`);
     }
+    if (c.upstreamPassword !== undefined && isPerRole(c.upstreamPassword)) {
+      const parsed = parseAuthFile(c.upstreamPassword);
+      if (parsed.problems.length > 0 || parsed.entries.length === 0) {
+        problems.push(
+          `${origin.upstreamPassword}: reads as "role" "password" lines but ${parsed.problems[0] ?? "has none"} (a password that starts with " must be written as such a line)`,
+        );
+      }
+    }
     if (c.tenantAuth === "token" && !c.tokenSecret) {
       problems.push(`${origin.tenantAuth}: --tenant-auth token needs MULTIGRES_TOKEN_SECRET or --token-secret-file (at least 32 characters)`);
     }
@@ -302,8 +310,10 @@ export async function loadConfig(flags: Flags, env: Record<string, string | unde
 export function upstreamPasswordFor(config: Pick<Config, "upstreamPassword">, role: string): string | undefined {
   const text = config.upstreamPassword;
   if (text === undefined) return undefined;
-  if (!text.trimStart().startsWith('"')) return text;
-  const parsed = parseAuthFile(text);
-  if (parsed.problems.length > 0 || parsed.entries.length === 0) return text;
-  return parsed.entries.find((e) => e.user === role)?.secret;
+  if (!isPerRole(text)) return text;
+  // resolveConfig refused a malformed one: never send the whole file as a password.
+  return parseAuthFile(text).entries.find((e) => e.user === role)?.secret;
 }
+
+/** An upstream password text in userlist form: a password per role. */
+const isPerRole = (text: string) => text.trimStart().startsWith('"');

@@ -45,6 +45,13 @@ const json: ConsolaReporter = {
   },
 };
 
+/**
+ * Control characters written as escapes: a line is one event. User names,
+ * database names and server messages come from clients, and a client must
+ * not be able to end a line and forge the next one.
+ */
+const oneLine = (s: string) => s.replace(/[\u0000-\u001f\u007f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`);
+
 const pretty: ConsolaReporter = {
   log(logObj) {
     const { msg, fields } = parts(logObj);
@@ -53,7 +60,7 @@ const pretty: ConsolaReporter = {
     const extra = Object.entries(rest).map(([k, v]) => ` ${k}=${typeof v === "string" ? v : JSON.stringify(v)}`);
     const level = logObj.type === "log" ? "info" : logObj.type;
     const out = logObj.level <= 1 ? process.stderr : process.stdout;
-    out.write(`${logObj.date.toISOString()} ${level.padEnd(5)} ${who}${msg}${extra.join("")}\n`);
+    out.write(`${logObj.date.toISOString()} ${level.padEnd(5)} ${oneLine(`${who}${msg}${extra.join("")}`)}\n`);
   },
 };
 

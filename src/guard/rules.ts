@@ -66,6 +66,10 @@ function checkHead(t: Token[], at: number, names: readonly string[]): Verdict | 
       if (!(word(1) === "session" && word(2) === "authorization")) i = 2;
     }
     const target = settingName(t, at + i);
+    if (head === "set" && (target === "client_encoding" || target === "names")) {
+      const v = checkEncoding(t, at, i + 1);
+      if (v) return v;
+    }
     if (target === "all" && head === "reset") return refuse(t, at, "RESET ALL would clear the tenant context and role");
     if (target === "session" && word(i + 1) === "authorization") return refuse(t, at, "the session user is fixed by the proxy");
     if (target && names.includes(target)) return refuse(t, at, `${target} is set by the proxy and cannot be changed`);
@@ -87,6 +91,31 @@ function checkHead(t: Token[], at: number, names: readonly string[]): Verdict | 
 const ROLE_WORDS = new Set(["role", "user", "group"]);
 
 /**
+ * PostgreSQL's client-only encodings, whose second byte of a character can
+ * be a backslash or a quote (SJIS 0x95 0x5c is one character): the server
+ * converts them before parsing, the guard reads UTF-8, and the two would
+ * see different statements. So a guarded session may not use them.
+ */
+const UNREADABLE_ENCODINGS = new Set(["sjis", "shiftjis", "mskanji", "win932", "windows932", "shiftjis2004", "big5", "win950", "windows950", "gbk", "win936", "windows936", "gb18030", "uhc", "win949", "windows949", "johab"]);
+
+/** Whether the guard cannot read SQL in this client_encoding (names compared as PostgreSQL does: case and punctuation aside). */
+export function unreadableEncoding(name: string): boolean {
+  return UNREADABLE_ENCODINGS.has(name.toLowerCase().replace(/[^a-z0-9]/g, ""));
+}
+
+/** SET client_encoding / SET NAMES to an encoding the guard cannot read. */
+function checkEncoding(t: Token[], at: number, i: number): Verdict | undefined {
+  // SET client_encoding TO|= value, SET NAMES value
+  let v = t[at + i];
+  if (v?.kind === "word" && (v.value === "to" || v.value === "=")) v = t[at + i + 1];
+  if (v?.kind === "op" && v.value === "=") v = t[at + i + 1];
+  if ((v?.kind === "string" || v?.kind === "word" || v?.kind === "ident") && unreadableEncoding(v.value)) {
+    return refuse(t, at, `client_encoding ${v.value} cannot be read by the guard; use UTF8`);
+  }
+  return undefined;
+}
+
+/**
  * set_config(…) anywhere in a statement: its first argument must be one
  * string literal naming an unprotected setting. Anything computed (a bind
  * parameter, lower('ROLE'), 'app.' || x) could name a protected one.
@@ -104,6 +133,11 @@ function checkSetConfig(t: Token[], names: readonly string[]): Verdict | undefin
     }
     if (names.includes(arg.value.trim().toLowerCase())) {
       return refuse(t, 0, `${arg.value} is set by the proxy and cannot be changed`);
+    }
+    if (arg.value.trim().toLowerCase() === "client_encoding") {
+      const value = t[j + 4];
+      if (value?.kind !== "string") return refuse(t, 0, "set_config('client_encoding', …) must give the encoding as a string literal through multigres");
+      if (unreadableEncoding(value.value)) return refuse(t, 0, `client_encoding ${value.value} cannot be read by the guard; use UTF8`);
     }
   }
   return undefined;

@@ -14,7 +14,7 @@
  * message() may return a promise. Never logs or returns the password.
  */
 import { ScramServer } from "../auth/scram-server.ts";
-import type { ClientIdentity, Credential, Credentials } from "../auth/credentials.ts";
+import { CredentialsBusy, type ClientIdentity, type Credential, type Credentials } from "../auth/credentials.ts";
 import { AUTH, authenticationRequest, authenticationSASL, authenticationSASLData, concat, readPassword, readSaslInitialResponse, readSaslResponse, type ErrorFields } from "../protocol/messages.ts";
 import { printable } from "../tenant/identity.ts";
 import { errors } from "./errors.ts";
@@ -60,13 +60,17 @@ export class ClientAuth {
     if (this.stage === "first") {
       this.stage = "final";
       const { mechanism, data } = readSaslInitialResponse(body);
-      const verifier = this.credentials.scramVerifier(this.credential, this.identity.user);
+      const verifier = this.credentials.scramVerifier(this.credential, this.identity);
       const begin = (v: Awaited<typeof verifier>) => {
         this.scram = new ScramServer({ verifier: v, channelBinding: this.channelBinding });
         const r = this.scram.first(mechanism, data);
         return r.ok ? this.next(authenticationSASLData(AUTH.saslContinue, r.message)) : this.failed(r.reason, errors.saslProtocol(r.reason));
       };
-      return verifier instanceof Promise ? verifier.then(begin) : begin(verifier);
+      if (!(verifier instanceof Promise)) return begin(verifier);
+      return verifier.then(begin, (e: Error) => {
+        if (e instanceof CredentialsBusy) return this.failed(e.message, errors.tooManyAuthentications());
+        throw e;
+      });
     }
     this.stage = "done";
     const r = this.scram!.final(readSaslResponse(body));

@@ -8,6 +8,9 @@ import type { ErrorFields } from "../protocol/messages.ts";
 
 const fatal = (code: string, message: string, hint?: string): ErrorFields => ({ severity: "FATAL", code, message, ...(hint ? { hint } : {}) });
 
+/** Server answers to the proxy's login that concern the client, not the proxy's credential. */
+const CLIENT_ACTIONABLE = new Set(["3D000", "53300", "57P03", "53000"]);
+
 const SETUP_HINT = "run `multigres setup --database-url <admin URL> --app-role <role>` with this proxy's context secret";
 
 export const errors = {
@@ -30,6 +33,8 @@ export const errors = {
   rejectedUser: (message: string, hint: string) => fatal("28000", message, hint),
   forbiddenStartupParameter: (name: string) =>
     fatal("28000", `startup parameter ${name} is not allowed: the proxy sets the tenant context and role`, "remove it from the connection string or PGOPTIONS"),
+  unreadableEncoding: (encoding: string) =>
+    fatal("28000", `client_encoding ${encoding} cannot be read by multigres's guard`, "use client_encoding UTF8 (or run the proxy with --guard off)"),
   passwordFailed: (user: string) => fatal("28P01", `password authentication failed for user "${user}"`),
   roleBypassesRls: (role: string) =>
     fatal(
@@ -49,6 +54,11 @@ export const errors = {
       "store the role's password as SCRAM (password_encryption = 'scram-sha-256', then ALTER ROLE … PASSWORD) and use scram-sha-256 in pg_hba.conf",
     ),
 
+  // ------------------------------------------------------- 53300 capacity
+  tooManyAuthentications: () => fatal("53300", "too many logins being checked at once", "try again in a moment"),
+  tooManyRelayedLogins: () =>
+    fatal("53300", "too many superuser logins in progress through multigres", "try again in a moment; superusers are relayed to PostgreSQL a few at a time"),
+
   // ---------------------------------------------------------- 3D000 database
   databaseNotServed: (database: string) =>
     fatal("3D000", `database "${database}" is not served by this proxy`, "connect to one of the databases listed with --database"),
@@ -62,12 +72,16 @@ export const errors = {
     ),
   upstreamClosedDuringStartup: () => fatal("08006", "the upstream server closed the connection during startup"),
   startupTimeout: (ms: number) => fatal("08006", `startup and authentication did not complete within ${ms} ms`),
-  upstreamLoginFailed: (role: string) =>
-    fatal(
-      "08006",
-      `multigres could not log in to PostgreSQL as "${role}"`,
-      "the proxy's upstream credential was refused or is missing; the proxy's log says why",
-    ),
+  /**
+   * The proxy's own login failed. What the client can act on (the database
+   * does not exist, the server is full or starting) is passed on as the
+   * server said it; the rest (its credential refused) is the operator's
+   * business and stays in the log.
+   */
+  upstreamLoginFailed: (role: string, server?: { code: string; message: string }) =>
+    server && CLIENT_ACTIONABLE.has(server.code)
+      ? fatal(server.code, server.message)
+      : fatal("08006", `multigres could not log in to PostgreSQL as "${role}"`, "the proxy's own login was refused; its log says why"),
 
   // -------------------------------------------- 55000 the tenant context round
   setupMissing: (database: string, serverMessage: string) =>
@@ -87,7 +101,11 @@ export const errors = {
       "point --upstream at PostgreSQL itself; multigres does the pooling",
     ),
   contextFailed: (code: string, message: string) =>
-    fatal(code || "28000", `could not establish the tenant context: ${message}`, "check that the role exists and that the app role may SET ROLE to it"),
+    fatal(
+      code || "28000",
+      `could not establish the tenant context: ${message}`,
+      "check that the role exists, that the app role may SET ROLE to it, and that no role-level setting of the app role gets in the way (ALTER ROLE … SET; see pg_db_role_setting)",
+    ),
 
   // ------------------------------------------------------------ lifecycle
   shuttingDown: () => fatal("57P01", "terminating connection because multigres is shutting down"),

@@ -38,9 +38,9 @@ import type { StartupPacket } from "../protocol/startup.ts";
 import { md5PasswordResponse } from "../auth/md5.ts";
 import { scramContinue, scramStart, scramVerify } from "../auth/scram-client.ts";
 import { SCRAM_MECHANISM } from "../auth/scram.ts";
-import { forbiddenStartupParameter, printable, resolveIdentity } from "../tenant/identity.ts";
+import { forbiddenStartupParameter, printable, resolveIdentity, startupSetting } from "../tenant/identity.ts";
 import { signatureSetting } from "../tenant/context.ts";
-import { protectedSettings } from "../guard/rules.ts";
+import { protectedSettings, unreadableEncoding } from "../guard/rules.ts";
 import type { Step } from "./client-auth.ts";
 import type { ContextResult } from "./context-round.ts";
 import type { LoginResult } from "./server-login.ts";
@@ -182,6 +182,8 @@ function beginSession(s: Session, p: Extract<StartupPacket, { kind: "startup" }>
   if (identity.kind === "tenant") {
     const forbidden = forbiddenStartupParameter(p.params, protectedSettings(s.config.tenantSetting, signatureSetting(s.config.tenantSetting)));
     if (forbidden) return s.fail(errors.forbiddenStartupParameter(forbidden));
+    const encoding = startupSetting(p.params, "client_encoding");
+    if (s.config.guard && encoding && unreadableEncoding(encoding)) return s.fail(errors.unreadableEncoding(printable(encoding)));
     upstream.set("user", identity.role);
     // Postgres defaults the database to the user name; clients that fill it
     // in themselves (libpq, psql) send the long name, which is no database.
@@ -195,6 +197,7 @@ function beginSession(s: Session, p: Extract<StartupPacket, { kind: "startup" }>
   s.upstreamParams = upstream;
   if (p.minor > 0 || unsupported.length > 0) s.toClient(negotiateProtocolVersion(0, unsupported));
   if (s.relaysAuthentication) {
+    if (!s.takeRelayedLogin()) return s.fail(errors.tooManyRelayedLogins());
     s.connectUpstream();
     return "connecting";
   }
@@ -239,7 +242,7 @@ function serverOpened(s: Session): State {
 function loggedIn(s: Session, result: LoginResult): State {
   if (!result.ok) {
     s.upstreamLoginFailed(result);
-    return s.fail(errors.upstreamLoginFailed(s.upstreamParams!.get("user")!));
+    return s.fail(errors.upstreamLoginFailed(printable(s.upstreamParams!.get("user")!), result.server));
   }
   s.upstreamLoginSucceeded();
   if (!s.hasServerKey) return s.fail(errors.noBackendKeyData());
@@ -354,7 +357,7 @@ function firstReady(s: Session, m: Frame): State {
 
 function contextDone(s: Session, result: ContextResult): State {
   if (!result.ok) {
-    s.log.error(`tenant context not established: ${result.error.message}`);
+    s.contextFailed(result.error.message);
     return s.fail(result.error);
   }
   s.contextVerified();

@@ -35,6 +35,8 @@ export type LoginResult =
       ok: false;
       /** For the log and the operator: what went wrong, the server's words where it spoke. */
       message: string;
+      /** The server's SQLSTATE and message, when it answered with an ErrorResponse. */
+      server?: { code: string; message: string };
       /**
        * The server refused the proxy's credential itself (28P01, or none
        * configured): wrong for this role everywhere, whichever database a
@@ -57,9 +59,9 @@ export function logIn(server: ServerConnection, request: LoginRequest, done: (re
   let scram: ScramClient | undefined;
   let finished = false;
 
-  const fail = (message: string, refused = false) => {
+  const fail = (message: string, refused = false, server?: { code: string; message: string }) => {
     finished = true;
-    done({ ok: false, message, refused });
+    done({ ok: false, message, refused, server });
     return "done" as const;
   };
   const needPassword = (method: string) =>
@@ -115,7 +117,8 @@ export function logIn(server: ServerConnection, request: LoginRequest, done: (re
       case MSG.errorResponse: {
         const f = readErrorFields(m.body);
         const code = f.get("C") ?? "";
-        return fail(`${f.get("M") ?? "error"} (${code || "no SQLSTATE"})`, code === "28P01");
+        const message = f.get("M") ?? "error";
+        return fail(`${message} (${code || "no SQLSTATE"})`, code === "28P01", { code, message });
       }
       case MSG.parameterStatus: {
         server.parameters.set(readParameterStatus(m.body)[0], m.raw.slice());

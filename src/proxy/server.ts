@@ -8,6 +8,7 @@ import { log } from "../log.ts";
 import { cancelRequest } from "../protocol/messages.ts";
 import { contextKeyId, deriveContextKey } from "../tenant/context.ts";
 import { Credentials, CredentialsError } from "../auth/credentials.ts";
+import { resolveIdentity } from "../tenant/identity.ts";
 import { CancelRegistry } from "./cancel.ts";
 import { loadServerTls } from "./client-tls.ts";
 import { UpstreamHealth } from "./health.ts";
@@ -42,6 +43,7 @@ export async function startProxy(config: Config): Promise<RunningProxy> {
     contextKey: deriveContextKey(config.contextSecret),
     ...(await loadFiles(config)),
     health: new UpstreamHealth(),
+    relayedLogins: 0,
     cancelKeys: new CancelRegistry(),
     sendCancel,
     sessionClosed: (s) => {
@@ -154,7 +156,12 @@ async function loadCredentials(config: Config): Promise<Credentials | undefined>
     }
   }
   try {
-    return await Credentials.load({ authFile, tenantAuth: config.tenantAuth, tokenSecret: config.tokenSecret });
+    return await Credentials.load({
+      authFile,
+      tenantAuth: config.tenantAuth,
+      tokenSecret: config.tokenSecret,
+      isTenantName: (name) => resolveIdentity(name, config).kind === "tenant",
+    });
   } catch (e) {
     if (e instanceof CredentialsError) throw new ConfigError(e.problems);
     throw e;

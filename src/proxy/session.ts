@@ -34,6 +34,13 @@ import type { UpstreamHealth } from "./health.ts";
 const CLOSE_DEADLINE_MS = 10_000;
 /** Client bytes held before the context is set, before the client is paused. */
 export const MAX_HELD_BYTES = 64 * 1024;
+/**
+ * Under --auth proxy, superusers are relayed to PostgreSQL: each opens a
+ * backend before anyone has checked who they are. A bounded number may be
+ * logging in at once, so strangers cannot take PostgreSQL's connection
+ * slots by starting superuser logins and never finishing them.
+ */
+export const MAX_RELAYED_LOGINS = 16;
 /** Postgres's own limit on a client message (MaxAllocSize). */
 const MAX_CLIENT_MESSAGE = 0x3fffffff;
 
@@ -53,6 +60,8 @@ export interface ProxyContext {
   /** PEM client certificate and key for the upstream, when configured. */
   upstreamCert: { cert: string; key: string } | undefined;
   health: UpstreamHealth;
+  /** Relayed logins in progress under --auth proxy (superusers): nobody has authenticated them yet. */
+  relayedLogins: number;
   cancelKeys: CancelRegistry;
   sendCancel(upstream: { host: string; port: number }, processId: number, secretKey: number): void;
   sessionClosed(session: Session): void;
@@ -430,10 +439,12 @@ export class Session implements ServerOwner {
 
   identify(identity: Exclude<Identity, { kind: "rejected" }>): void {
     this.identity = identity;
+    // The role is whatever the client typed before the tenant: never let
+    // it write a line break (a forged log line) into the log.
     this.log = new ConnectionLog({
       conn: this.id,
       remote: this.socket.remoteAddress,
-      user: identity.kind === "tenant" ? identity.role : identity.user,
+      user: printable(identity.kind === "tenant" ? identity.role : identity.user),
       tenant: identity.kind === "tenant" ? identity.tenant : undefined,
     });
   }
@@ -441,6 +452,21 @@ export class Session implements ServerOwner {
   /** Superusers, and everyone under --auth passthrough: PostgreSQL authenticates them. */
   get relaysAuthentication(): boolean {
     return this.config.auth === "passthrough" || this.identity?.kind !== "tenant";
+  }
+
+  /** A relayed login under --auth proxy takes one of the MAX_RELAYED_LOGINS places, if one is free. */
+  private relayedLogin = false;
+  takeRelayedLogin(): boolean {
+    if (this.config.auth !== "proxy") return true;
+    if (this.ctx.relayedLogins >= MAX_RELAYED_LOGINS) return false;
+    this.ctx.relayedLogins++;
+    this.relayedLogin = true;
+    return true;
+  }
+  private releaseRelayedLogin(): void {
+    if (!this.relayedLogin) return;
+    this.relayedLogin = false;
+    this.ctx.relayedLogins--;
   }
 
   /** --auth proxy: the exchange with the client begins; returns its first message. */
@@ -513,17 +539,24 @@ export class Session implements ServerOwner {
     logIn(this.server!, { params: this.upstreamParams!, password: upstreamPasswordFor(this.config, role) }, (result) => this.dispatch("server:login", result));
   }
 
+  /** The upstream role and database, fit for a log line (both came from the client). */
+  private get upstreamRole(): string {
+    return printable(this.upstreamParams?.get("user") ?? "");
+  }
+  private get upstreamDatabase(): string {
+    return printable(this.upstreamParams?.get("database") ?? "");
+  }
+
   upstreamLoginFailed(result: Extract<LoginResult, { ok: false }>): void {
-    const role = this.upstreamParams!.get("user")!;
-    this.log.error(`could not log in to PostgreSQL with the proxy's credential (login as ${role}@${this.upstreamParams!.get("database")}): ${result.message}`, {
+    this.log.error(`could not log in to PostgreSQL with the proxy's credential (login as ${this.upstreamRole}@${this.upstreamDatabase}): ${result.message}`, {
       event: "upstream_login_failed",
     });
     // Keyed by role: a refused password is wrong in every database.
-    if (result.refused) this.ctx.health.report(`login as ${role}`, result.message);
+    if (result.refused) this.ctx.health.report(`login as ${this.upstreamRole}`, result.message);
   }
 
   upstreamLoginSucceeded(): void {
-    this.ctx.health.report(`login as ${this.upstreamParams!.get("user")}`, undefined);
+    this.ctx.health.report(`login as ${this.upstreamRole}`, undefined);
   }
 
   /** ParameterStatus messages the server sent at login, for the client. */
@@ -545,7 +578,7 @@ export class Session implements ServerOwner {
     this.contextStartedAt = performance.now();
     establishContext(
       this.server!,
-      { rules: this.config, identity: id, key: this.ctx.contextKey, database: this.upstreamParams?.get("database") ?? id.role },
+      { rules: this.config, identity: id, key: this.ctx.contextKey, database: this.upstreamDatabase },
       (raw) => this.toClient(raw),
       (result) => this.dispatch("context:done", result),
     );
@@ -554,7 +587,18 @@ export class Session implements ServerOwner {
 
   /** A context verified here: whatever the startup check found wrong for this role and database is fixed. */
   contextVerified(): void {
-    this.ctx.health.report(`context check as ${this.upstreamParams?.get("user")}@${this.upstreamParams?.get("database")}`, undefined);
+    this.ctx.health.report(`context check as ${this.upstreamRole}@${this.upstreamDatabase}`, undefined);
+  }
+
+  /**
+   * Fail loud: the log says why, and in a served database (--database) the
+   * failure is every tenant's, so /readyz says so too. (A database a client
+   * merely asked for does not get to change readiness.)
+   */
+  contextFailed(why: string): void {
+    this.log.error(`tenant context not established: ${why}`);
+    const database = this.upstreamParams?.get("database") ?? "";
+    if (this.config.databases.includes(database)) this.ctx.health.report(`context check as ${this.upstreamRole}@${this.upstreamDatabase}`, why);
   }
 
   /** Milliseconds the context round took (for the debug log). */
@@ -586,6 +630,7 @@ export class Session implements ServerOwner {
   goTransparent(): State {
     clearTimeout(this.timer);
     this.timer = undefined;
+    this.releaseRelayedLogin();
     if (this.clientFrames) {
       if (this.clientFrames.buffered > 0) this.heldClient.push(this.clientFrames.drain());
       this.clientFrames = undefined;
@@ -621,6 +666,7 @@ export class Session implements ServerOwner {
     if (this.closing) return "closed";
     this.closing = true;
     clearTimeout(this.timer);
+    this.releaseRelayedLogin();
     if (this.cancelKey) this.ctx.cancelKeys.release(this.cancelKey);
     // A client gone mid-query must not leave its backend running the query.
     if (this.tracker?.busy) this.cancel();

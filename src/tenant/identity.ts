@@ -60,6 +60,21 @@ export function forbiddenStartupParameter(
  * whitespace, with backslash escaping the next character.
  */
 export function optionSettings(options: string): string[] {
+  return optionAssignments(options).map(([name]) => name);
+}
+
+/**
+ * The startup value of a setting as PostgreSQL will apply it: its own
+ * parameter (applied after `options`, so it wins), else the last
+ * `-c name=value` in `options`.
+ */
+export function startupSetting(params: ReadonlyMap<string, string>, name: string): string | undefined {
+  const fromOptions = optionAssignments(params.get("options") ?? "").filter(([n]) => n.toLowerCase().replace(/-/g, "_") === name).at(-1)?.[1];
+  return params.get(name) ?? fromOptions;
+}
+
+/** `name=value` pairs of an `options` value (see optionSettings). */
+function optionAssignments(options: string): [string, string][] {
   const words: string[] = [];
   let word = "";
   for (let i = 0; i < options.length; i++) {
@@ -75,7 +90,7 @@ export function optionSettings(options: string): string[] {
   // Read the way the server's getopt does ("B:bC:c:D:d:EeFf:h:ijk:lN:nOPp:r:S:sTt:v:W:-:"):
   // flags group ("-ec role=x" is -e then -c), and a flag that takes an
   // argument takes the rest of its word or else the next word.
-  const names: string[] = [];
+  const out: [string, string][] = [];
   for (let i = 0; i < words.length; i++) {
     const w = words[i]!;
     if (!w.startsWith("-")) continue;
@@ -83,11 +98,14 @@ export function optionSettings(options: string): string[] {
       const flag = w[j]!;
       if (!OPTION_FLAGS_WITH_ARGUMENT.includes(flag)) continue;
       const argument = j + 1 < w.length ? w.slice(j + 1) : words[++i];
-      if ((flag === "c" || flag === "-") && argument) names.push(argument.split("=")[0]!);
+      if ((flag === "c" || flag === "-") && argument) {
+        const eq = argument.indexOf("=");
+        out.push(eq < 0 ? [argument, ""] : [argument.slice(0, eq), argument.slice(eq + 1)]);
+      }
       break;
     }
   }
-  return names;
+  return out;
 }
 
 /** Postgres command-line switches that take an argument (its getopt string). */

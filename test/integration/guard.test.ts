@@ -559,6 +559,34 @@ describe("roles and computed setting names (the credential store is the fix; thi
     }));
 });
 
+describe("what the attacker review found (each was a way past the guard)", () => {
+  test("a -- comment ended by \\r (PostgreSQL ends it there too): the statement after it is read and refused", async () => {
+    for (const sql of ["SELECT 1; -- x\rALTER ROLE app_user SET work_mem = '88kB'", "-- x\rSET ROLE postgres", "SELECT 1; -- x\rSET app.current_tenant_id = 'tenant_b'"]) {
+      const r = await psql(tenantUrl(), sql);
+      expect(r.exitCode, describeRun(r)).not.toBe(0);
+      expect(r.stderr).toContain("multigres: ");
+    }
+    const [{ config }] = (await pg.sql`SELECT rolconfig::text AS config FROM pg_roles WHERE rolname = ${APP_USER}`) as unknown as [{ config: string | null }];
+    expect(config).toBeNull();
+  });
+
+  test("client encodings the guard cannot read (SJIS and kin) are refused at startup and by SET", async () => {
+    const r = await psql(tenantUrl(), "SELECT 1", { env: { PGCLIENTENCODING: "SJIS" } });
+    expect(r.exitCode, describeRun(r)).not.toBe(0);
+    expect(r.stderr).toContain("client_encoding SJIS cannot be read by multigres's guard");
+    await asTenantA(async (sql) => {
+      for (const stmt of ["SET client_encoding TO 'SJIS'", "SET NAMES 'BIG5'", "select set_config('client_encoding', 'GBK', false)"]) {
+        expectGuardRefusal(await outcome(() => sql.unsafe(stmt)));
+      }
+      expect(await rows(sql, "SHOW client_encoding")).toEqual([{ client_encoding: "UTF8" }]);
+      // A readable one is fine.
+      expect(show(await outcome(() => sql.unsafe("SET client_encoding TO 'LATIN1'")))).toBe("ok");
+      await sql.unsafe("SET client_encoding TO 'UTF8'");
+      await expectContextIntact(sql);
+    });
+  });
+});
+
 describe("logs", () => {
   test("a refusal is logged without the statement", async () => {
     const marker = "guard-log-marker-7f3a";

@@ -611,6 +611,42 @@ describe("garbage during the proxy's own authentication (--auth proxy)", () => {
     await assertHealthy(proxy);
   }, 300_000);
 
+  test("superuser logins are relayed a bounded number at a time: the 17th at once gets 53300, nobody's slots are taken", async () => {
+    const parked: RawClient[] = [];
+    try {
+      for (let i = 0; i < 16; i++) {
+        const c = await RawClient.open(proxy.port, `relayed ${i}`);
+        parked.push(c);
+        await c.send(startupPacket({ user: "postgres", database: pg.database }));
+        expect((await c.readMessage("the server's authentication request, relayed")).type).toBe("R");
+      }
+      const extra = await RawClient.open(proxy.port, "relayed 17");
+      try {
+        await extra.send(startupPacket({ user: "postgres", database: pg.database }));
+        const f = await extra.expectError("too many relayed logins");
+        expect({ C: f.C, M: f.M }).toEqual({ C: "53300", M: "too many superuser logins in progress through multigres" });
+      } finally {
+        extra.destroy();
+      }
+      // Tenants log in at the proxy, unaffected.
+      await assertHealthy(proxy);
+    } finally {
+      for (const c of parked) c.destroy();
+    }
+    // The places come back as those logins end.
+    await withClient(proxy.url({ user: "postgres", password: PASSWORDS.postgres }), async (sql) => {
+      expect((await sql`SELECT current_user AS u`)[0]!.u).toBe("postgres");
+    });
+  });
+
+  test("a user name with line breaks cannot forge a log line (pretty format)", async () => {
+    const forged = `x] forged\n2026-11-30T06:30:00.000Z info  [c77 app_user/tenant_b] session ready, tenant context set`;
+    const err = await connectError(proxy.url({ user: `${forged}.${TENANT_A}`, password: "nope" }));
+    expect(err.code).toBe("28P01");
+    await proxy.waitForLog(/authentication failed for user "x\] forged\?2026/);
+    expect(proxy.logs()).not.toMatch(/^2026-11-30T06:30:00\.000Z info {2}\[c77/m);
+  });
+
   test("a correct SCRAM exchange with the proof of another password: 28P01, and the next client logs in", async () => {
     const c = await RawClient.open(proxy.port, "wrong proof");
     try {

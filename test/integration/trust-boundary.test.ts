@@ -20,8 +20,9 @@
  * - Wrong credentials: 28P01 naming the user as typed, logged without the
  *   secret, counted in /healthz.
  * - Fail loud: a PgBouncer between the proxy and PostgreSQL, a context key
- *   the database does not know, setup missing or outdated: each an error
- *   naming the cause (never 0 rows), at startup (log, /readyz) and per session.
+ *   the database does not know, setup missing or outdated, a role-level
+ *   setting planted by an injected session: each an error naming the cause
+ *   (never 0 rows), at startup (log, /readyz) and per session.
  * - What --auth passthrough gives up: with the relay, the attack's password
  *   logs in as any tenant (the documented reason it is opt-in).
  */
@@ -327,6 +328,24 @@ describe("fail loud: the context round names the cause instead of 0 rows", () =>
       await admin.end();
       await pg.sql.unsafe(`DROP DATABASE IF EXISTS ${db} WITH (FORCE)`);
     }
+  });
+
+  test("a role-level setting planted through dynamic SQL breaks every tenant's new sessions, loudly (closing it is setup's job, next)", async () => {
+    const a = postgres(url(proxy, TENANT_A, CLIENT_PASSWORD), { max: 1, onnotice: () => {} });
+    try {
+      await a.unsafe(`DO $$ BEGIN EXECUTE 'ALTER ' || 'ROLE ' || current_user || ' SET statement_timeout = 1'; END $$`);
+      const err = await connectError(url(proxy, TENANT_B, CLIENT_PASSWORD));
+      expect(`${err.code} ${err.message}`).toBe("57014 could not establish the tenant context: canceling statement due to statement timeout");
+      expect((err.error as { hint?: string }).hint).toContain("role-level setting of the app role");
+      const r = await readyz(proxy);
+      expect(r.status).toBe(503);
+      expect(JSON.stringify(r.body.problems)).toContain(`context check as ${ROLE}@${pg.database}: could not establish the tenant context: canceling statement due to statement timeout`);
+    } finally {
+      await a.end();
+      await pg.sql.unsafe(`ALTER ROLE ${ROLE} RESET ALL`);
+    }
+    expect((await sees(proxy, TENANT_B, CLIENT_PASSWORD)).tenant).toBe(TENANT_B);
+    expect((await readyz(proxy)).status).toBe(200);
   });
 
   test("a database not in --database is refused before anything reaches the server (3D000)", async () => {

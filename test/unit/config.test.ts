@@ -420,3 +420,12 @@ describe("authentication options (0.3)", () => {
     expect(problems({ flags: { "upstream-cert": "/c.crt", "upstream-key": "/c.key", "upstream-tls": "disable" } }).join("\n")).toContain("needs TLS to the upstream");
   });
 });
+
+describe("upstream password files", () => {
+  test("a file that reads as userlist lines but is malformed is refused, naming the line, never the passwords", () => {
+    const p = problems({ secretFiles: { upstreamPassword: { path: "/run/up", text: `"app_user" "a-pw"\n"reader" broken-pw\n` } } });
+    expect(p.join("\n")).toContain('contents of /run/up: reads as "role" "password" lines but line 2: expected "user" "password"');
+    expect(p.join("\n")).not.toContain("a-pw");
+    expect(p.join("\n")).not.toContain("broken-pw");
+  });
+});

@@ -13,7 +13,7 @@ import { join } from "node:path";
 import fc from "fast-check";
 import { authFileLine, parseAuthFile } from "../../src/auth/auth-file.ts";
 import { signatureAlgorithm, tlsServerEndPoint } from "../../src/auth/channel-binding.ts";
-import { Credentials, CredentialsError } from "../../src/auth/credentials.ts";
+import { Credentials, CredentialsBusy, CredentialsError } from "../../src/auth/credentials.ts";
 import { ScramServer } from "../../src/auth/scram-server.ts";
 import { scramContinue, scramStart } from "../../src/auth/scram-client.ts";
 import { buildVerifier, formatVerifier, type ScramVerifier } from "../../src/auth/scram.ts";
@@ -120,26 +120,41 @@ describe("Credentials", () => {
       tenantAuth: "shared",
     });
     expect(c.names.sort()).toEqual(["app_user", "app_user.vip", "reader"]);
-    const login = async (user: string, password: string) => scramLogin(await c.scramVerifier(c.find(id(user)), user), password);
+    const login = async (user: string, password: string) => scramLogin(await c.scramVerifier(c.find(id(user)), id(user)), password);
     expect(await login("app_user.acme", "shared-pw")).toBe(true);
     expect(await login("app_user.vip", "vip-pw")).toBe(true);
     expect(await login("app_user.vip", "shared-pw")).toBe(false); // an exact entry replaces the shared one
     expect(await login("reader.acme", "verifier-pw")).toBe(true); // a verifier copied from pg_authid
     expect(c.find(id("nobody.acme"))).toEqual({ source: "none" });
     expect(await login("nobody.acme", "anything")).toBe(false);
-    // the mock is stable per user: the same salt each time, like a real entry
-    const mock = (u: string) => c.scramVerifier(c.find(id(u)), u) as ScramVerifier;
-    expect(mock("nobody.acme").salt).toEqual(mock("nobody.acme").salt);
+    // the mock is stable per role, like a shared entry: the salt tells an outsider nothing
+    const mock = (u: string) => c.scramVerifier(c.find(id(u)), id(u)) as ScramVerifier;
+    expect(mock("nobody.acme").salt).toEqual(mock("nobody.globex").salt);
     expect(mock("nobody.acme").salt).not.toEqual(mock("other.acme").salt);
+    // A tenant's own entry is not a role's shared entry: app_user.vip.x is no way in for vip's password.
+    expect(c.find(id("app_user.vip.x"))).toEqual({ source: "none" });
+    expect(await login("app_user.vip.x", "vip-pw")).toBe(false);
   });
 
   test("token: tokens for (role, tenant), exact entries still work, the role's entry does not", async () => {
     const c = await Credentials.load({ authFile: file(`"app_user" "shared-pw"\n"app_user.vip" "vip-pw"\n`), tenantAuth: "token", tokenSecret: TOKEN_SECRET });
-    const login = async (user: string, password: string) => scramLogin(await c.scramVerifier(c.find(id(user)), user), password);
+    const login = async (user: string, password: string) => scramLogin(await c.scramVerifier(c.find(id(user)), id(user)), password);
     expect(await login("app_user.a", tenantToken(TOKEN_SECRET, "app_user", "a"))).toBe(true);
     expect(await login("app_user.b", tenantToken(TOKEN_SECRET, "app_user", "a"))).toBe(false);
     expect(await login("app_user.a", "shared-pw")).toBe(false);
     expect(await login("app_user.vip", "vip-pw")).toBe(true);
+  });
+
+  test("token verifiers not in the cache: a bounded number derived at once, the rest turned away, not queued without bound", async () => {
+    const c = await Credentials.load({ tenantAuth: "token", tokenSecret: TOKEN_SECRET });
+    const results = await Promise.allSettled(
+      Array.from({ length: 200 }, (_, i) => c.scramVerifier(c.find(id(`app_user.t${i}`)), id(`app_user.t${i}`))),
+    );
+    const busy = results.filter((r) => r.status === "rejected");
+    expect(results.length - busy.length).toBe(2 + 64);
+    for (const r of busy) expect((r as PromiseRejectedResult).reason).toBeInstanceOf(CredentialsBusy);
+    // Once the flood is over, a turned-away tenant is derived normally (its failure was not cached).
+    expect(scramLogin(await c.scramVerifier(c.find(id("app_user.t199")), id("app_user.t199")), tenantToken(TOKEN_SECRET, "app_user", "t199"))).toBe(true);
   });
 
   test("cleartext: plain entries, verifiers and tokens with an expiry", async () => {

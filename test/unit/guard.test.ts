@@ -287,6 +287,22 @@ const FORBIDDEN: Record<string, string[]> = {
     "select set_config(concat('ro', 'le'), 'x', false)",
     "select set_config(",
   ],
+  "client encodings the guard cannot read": [
+    "SET client_encoding TO 'SJIS'",
+    "set client_encoding = sjis",
+    "SET NAMES 'BIG5'",
+    "SET SESSION client_encoding TO 'gbk'",
+    "set client_encoding to 'Shift_JIS'",
+    "SET client_encoding = 'WIN932'",
+    "select set_config('client_encoding', 'GB18030', false)",
+    "select set_config('client_encoding', $1, false)",
+    "DO $$ BEGIN SET client_encoding = 'UHC'; END $$",
+  ],
+  "comments end at \\r as well as \\n": [
+    "SELECT 1; -- x\rALTER ROLE app_user SET work_mem = '88kB'",
+    "-- x\rSET ROLE postgres",
+    "SELECT 1; -- x\rRESET ALL",
+  ],
   "ALTER ROLE … SET/RESET": [
     "ALTER ROLE app_user SET app.current_tenant_id = 'tenant_b'",
     "ALTER ROLE app_user SET app.current_tenant_id TO 'tenant_b'",
@@ -389,6 +405,13 @@ const ALLOWED: Record<string, string[]> = {
     "RESET search_path",
     "select set_config('app.other', $1, false)",
     "select set_config('search_path', $1 || ', public', true)",
+  ],
+  "readable client encodings": [
+    "SET client_encoding TO 'UTF8'",
+    "SET NAMES 'LATIN1'",
+    "set client_encoding = default",
+    "RESET client_encoding",
+    "select set_config('client_encoding', 'EUC_JP', false)",
   ],
   "foreign-data user mappings and tables named like roles": [
     "CREATE USER MAPPING FOR app_user SERVER s OPTIONS (user 'x')",

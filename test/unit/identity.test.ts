@@ -15,7 +15,7 @@
 import { describe, expect, test } from "bun:test";
 import fc from "fast-check";
 import { resolveConfig } from "../../src/config.ts";
-import { forbiddenStartupParameter, optionSettings, resolveIdentity, type IdentityRules } from "../../src/tenant/identity.ts";
+import { forbiddenStartupParameter, optionSettings, resolveIdentity, startupSetting, type IdentityRules } from "../../src/tenant/identity.ts";
 
 const ENV = { MULTIGRES_CONTEXT_SECRET: "s".repeat(32), MULTIGRES_AUTH_FILE: "/etc/multigres/userlist.txt" };
 const defaults = resolveConfig({ env: ENV });
@@ -266,5 +266,15 @@ describe("optionSettings", () => {
       ),
       { numRuns: 1000 },
     );
+  });
+});
+
+describe("startupSetting", () => {
+  test("its own parameter wins over options; else the last -c in options", () => {
+    const p = (o: Record<string, string>) => new Map(Object.entries(o));
+    expect(startupSetting(p({ client_encoding: "UTF8", options: "-c client_encoding=SJIS" }), "client_encoding")).toBe("UTF8");
+    expect(startupSetting(p({ options: "-c client_encoding=SJIS -c client-encoding=BIG5" }), "client_encoding")).toBe("BIG5");
+    expect(startupSetting(p({ options: "--client_encoding=GBK" }), "client_encoding")).toBe("GBK");
+    expect(startupSetting(p({}), "client_encoding")).toBeUndefined();
   });
 });
