@@ -1,19 +1,26 @@
 /**
  * The lifecycle of one client connection, as a transition table.
  *
- *   startup ─StartupMessage─┬─▶ client_auth ──ok──▶ connecting ──▶ server_login ──ready──┐   --auth proxy
- *     │ SSLRequest: TLS     │   (the proxy checks       │           (its own credential)   │
- *     │ CancelRequest:      │    the client)            │                                  ▼
- *     │   forward, close    └───────────────────▶ connecting ──▶ authenticating ──▶ post_auth ─Z─▶ injecting ──▶ transparent
- *     ▼ garbage: 08P01        --auth passthrough,             (relayed both ways)          (context round)
- *   closed ◀── any failure: ErrorResponse, close   and superusers
+ *   --auth proxy (tenants):
+ *     startup ──▶ client_auth ──▶ connecting ──▶ server_login ──▶ injecting ──▶ transparent
+ *                 (the proxy       (TCP, TLS)     (the proxy's own   (context round:
+ *                  checks the                      credential)        binding, set, verify)
+ *                  client)
+ *   --auth passthrough, and superusers:
+ *     startup ──▶ connecting ──▶ authenticating ──▶ post_auth ──Z──▶ injecting ──▶ transparent
+ *                                (relayed both ways)  (S, K relayed)     (tenants only; superusers
+ *                                                                         go straight on at Z)
+ *   startup also answers SSLRequest (TLS), GSSENCRequest ('N') and
+ *   CancelRequest (forward, close); any failure anywhere: ErrorResponse,
+ *   then closed.
  *
  * `(state, event) → handler → next state`. Events are named `client:<x>` /
  * `server:<x>` where x is a message type character for framed messages,
- * `data` for raw bytes, or a lifecycle event; `auth:step` and
- * `context:<x>` report the proxy's own procedures. An event a state does
- * not list is a protocol violation, answered with ErrorResponse 08P01 and a
- * close, never a crash.
+ * `data` for raw bytes, or a lifecycle event; `auth:step`, `server:login`
+ * and `context:done` report the proxy's own procedures (client-auth.ts,
+ * server-login.ts, context-round.ts). An event a state does not list is a
+ * protocol violation, answered with ErrorResponse 08P01 and a close, never
+ * a crash.
  *
  * Handlers only decide; the Session (session.ts) does the I/O.
  */
