@@ -10,6 +10,7 @@
  * proxy never logs message payloads, and config errors hide the secret.
  */
 import { createConsola, type ConsolaInstance, type ConsolaReporter, type LogObject } from "consola";
+import { UNPRINTABLE } from "./tenant/identity.ts";
 
 export type LogLevel = "silent" | "error" | "warn" | "info" | "debug" | "trace";
 export type LogFormat = "pretty" | "json";
@@ -50,7 +51,7 @@ const json: ConsolaReporter = {
  * database names and server messages come from clients, and a client must
  * not be able to end a line and forge the next one.
  */
-const oneLine = (s: string) => s.replace(/[\u0000-\u001f\u007f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`);
+const oneLine = (s: string) => s.replace(UNPRINTABLE, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
 
 const pretty: ConsolaReporter = {
   log(logObj) {

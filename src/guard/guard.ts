@@ -147,29 +147,32 @@ export function oversizeSink(type: number, length: number, maxStatement: number)
   if (type !== PARSE) {
     return { feed() {}, end: () => frame(QUERY, [encoder.encode(refusal(verdict, "54000")), Uint8Array.of(0)]) };
   }
-  // Parse: name \0, SQL \0, then the parameter types, which are kept.
-  const name: Uint8Array[] = [];
-  const tail: Uint8Array[] = [];
+  // Parse: name \0, SQL \0, Int16 count, the types. Only the name (up to
+  // MAX_NAME bytes) and the two bytes of the count are kept: nothing the
+  // client sends makes this hold more.
+  const MAX_NAME = 1024;
+  const name: number[] = [];
+  const count: number[] = [];
   let phase: "name" | "sql" | "types" = "name";
   return {
     feed(bytes) {
       let at = 0;
       while (at < bytes.length) {
         if (phase === "types") {
-          tail.push(bytes.slice(at));
+          for (; at < bytes.length && count.length < 2; at++) count.push(bytes[at]!);
           return;
         }
         const nul = bytes.indexOf(0, at);
-        if (phase === "name") name.push(bytes.slice(at, nul < 0 ? bytes.length : nul));
+        const upTo = nul < 0 ? bytes.length : nul;
+        if (phase === "name") for (let k = at; k < upTo && name.length < MAX_NAME; k++) name.push(bytes[k]!);
         if (nul < 0) return;
         phase = phase === "name" ? "sql" : "types";
         at = nul + 1;
       }
     },
     end() {
-      const types = concat(tail);
-      const count = types.length >= 2 ? new DataView(types.buffer, types.byteOffset, 2).getInt16(0) : 0;
-      return refusedParse(decoder.decode(concat(name)), count, verdict, "54000");
+      const n = count.length === 2 ? ((count[0]! << 8) | count[1]!) << 16 >> 16 : 0;
+      return refusedParse(decoder.decode(Uint8Array.from(name)), n, verdict, "54000");
     },
   };
 }

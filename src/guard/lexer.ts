@@ -27,7 +27,84 @@ const op = (c: string): Token => {
   if (!t) OPS.set(c, (t = Object.freeze({ kind: "op", value: c }) as Token));
   return t;
 };
-const DOLLAR_TAG = /^\$([A-Za-z_\u0080-\uffff][A-Za-z0-9_\u0080-\uffff]*)?\$/;
+/** `$tag$` or `$$` at `i` (a tag of any length, as PostgreSQL allows), or undefined. */
+function dollarTagAt(sql: string, i: number): string | undefined {
+  let j = i + 1;
+  const first = sql.charCodeAt(j);
+  if (first !== 36 /* $ */) {
+    if (!(isTagStart(first))) return undefined;
+    j++;
+    while (j < sql.length && isTagPart(sql.charCodeAt(j))) j++;
+    if (sql.charCodeAt(j) !== 36) return undefined;
+  }
+  return sql.slice(i, j + 1);
+}
+const isTagStart = (c: number) => (c >= 97 && c <= 122) || (c >= 65 && c <= 90) || c === 95 || c >= 0x80;
+const isTagPart = (c: number) => isTagStart(c) || (c >= 48 && c <= 57);
+
+/**
+ * A quoted string starting at the quote at `q`, and its continuations:
+ * PostgreSQL joins `'a'` and `'b'` separated by whitespace that contains a
+ * newline (comments allowed), and the continuation keeps the first part's
+ * kind (E'' escapes, bit strings).
+ */
+function stringAt(sql: string, q: number, backslashes: boolean, doubled: boolean, finder?: NextFinder): [string, number] {
+  let [value, end] = quoted(sql, q + 1, "'", backslashes, finder, doubled);
+  for (let next = continuation(sql, end); next >= 0; next = continuation(sql, end)) {
+    const [more, e] = quoted(sql, next + 1, "'", backslashes, finder, doubled);
+    value += more;
+    end = e;
+  }
+  return [value, end];
+}
+
+/**
+ * Where a string continues after `i`, or -1: PostgreSQL's quotecontinue,
+ * {horiz_whitespace}*{newline}{special_whitespace}*{quote}, where comments
+ * are `--` comments.
+ */
+function continuation(sql: string, i: number): number {
+  const n = sql.length;
+  let j = i;
+  for (;;) {
+    const c = sql[j];
+    if (c === " " || c === "\t" || c === "\f") j++;
+    else if (c === "-" && sql[j + 1] === "-") while (j < n && sql[j] !== "\n" && sql[j] !== "\r") j++;
+    else break;
+  }
+  if (sql[j] !== "\n" && sql[j] !== "\r") return -1;
+  j++;
+  for (;;) {
+    const c = sql[j];
+    if (c === " " || c === "\t" || c === "\n" || c === "\r" || c === "\f") j++;
+    else if (c === "-" && sql[j + 1] === "-") {
+      while (j < n && sql[j] !== "\n" && sql[j] !== "\r") j++;
+      if (j >= n) return -1;
+    } else break;
+  }
+  return sql[j] === "'" ? j : -1;
+}
+
+/** The escape character of a UESCAPE clause after a U& literal ending at `i` (any whitespace and comments between, as the grammar allows). */
+function uescapeAfter(sql: string, i: number): string | undefined {
+  let j = skipSpace(sql, i);
+  if (sql.slice(j, j + 7).toLowerCase() !== "uescape" || isWordPart(sql.charCodeAt(j + 7))) return undefined;
+  j = skipSpace(sql, j + 7);
+  if (sql[j] !== "'" || sql[j + 2] !== "'") return undefined;
+  return sql[j + 1];
+}
+
+/** Past whitespace and comments of either kind. */
+function skipSpace(sql: string, i: number): number {
+  const n = sql.length;
+  for (;;) {
+    const c = sql[i];
+    if (c === " " || c === "\t" || c === "\n" || c === "\r" || c === "\f" || c === "\v") i++;
+    else if (c === "-" && sql[i + 1] === "-") while (i < n && sql[i] !== "\n" && sql[i] !== "\r") i++;
+    else if (c === "/" && sql[i + 1] === "*") i = skipBlockComment(sql, i);
+    else return i;
+  }
+}
 
 /**
  * @param backslashStrings read '' strings the way the server does when
@@ -53,23 +130,24 @@ export function lex(sql: string, backslashStrings = false): Token[] {
     } else if (c === "/" && next === "*") {
       i = skipBlockComment(sql, i);
     } else if (c === "'") {
-      const [value, end] = quoted(sql, i + 1, "'", backslashStrings, backslash);
+      const [value, end] = stringAt(sql, i, backslashStrings, true, backslash);
       tokens.push({ kind: "string", value });
       i = end;
     } else if ((c === "E" || c === "e") && next === "'") {
-      const [value, end] = quoted(sql, i + 2, "'", true, backslash);
+      const [value, end] = stringAt(sql, i + 1, true, true, backslash);
       tokens.push({ kind: "string", value });
       i = end;
     } else if ((c === "U" || c === "u") && next === "&" && (sql[i + 2] === "'" || sql[i + 2] === '"')) {
       // Decoded like the server does, so U&'r\006Fle' is seen as 'role'.
       const q = sql[i + 2]!;
-      const [raw, end] = quoted(sql, i + 3, q, false);
-      const uescape = /^\s*uescape\s*'(.)'/i.exec(sql.slice(end, end + 64));
-      const value = decodeUnicode(raw, uescape ? uescape[1]! : "\\");
+      const [raw, end] = q === "'" ? stringAt(sql, i + 2, false, true) : quoted(sql, i + 3, q, false);
+      const escape = uescapeAfter(sql, end);
+      const value = decodeUnicode(raw, escape ?? "\\");
       tokens.push(q === "'" ? { kind: "string", value } : { kind: "ident", value });
       i = end; // a UESCAPE clause stays in the stream as ordinary tokens
     } else if ((c === "B" || c === "b" || c === "X" || c === "x") && next === "'") {
-      const [value, end] = quoted(sql, i + 2, "'", false);
+      // Bit strings: a quote always ends them (no doubling), and they continue too.
+      const [value, end] = stringAt(sql, i + 1, false, false);
       tokens.push({ kind: "string", value });
       i = end;
     } else if (c === '"') {
@@ -77,12 +155,12 @@ export function lex(sql: string, backslashStrings = false): Token[] {
       tokens.push({ kind: "ident", value });
       i = end;
     } else if (c === "$") {
-      const tag = DOLLAR_TAG.exec(sql.slice(i, i + 256));
+      const tag = dollarTagAt(sql, i);
       if (tag) {
-        const close = sql.indexOf(tag[0], i + tag[0].length);
+        const close = sql.indexOf(tag, i + tag.length);
         const end = close < 0 ? n : close;
-        tokens.push({ kind: "string", value: sql.slice(i + tag[0].length, end) });
-        i = close < 0 ? n : close + tag[0].length;
+        tokens.push({ kind: "string", value: sql.slice(i + tag.length, end) });
+        i = close < 0 ? n : close + tag.length;
       } else {
         let j = i + 1;
         while (j < n && sql[j]! >= "0" && sql[j]! <= "9") j++;
@@ -146,7 +224,7 @@ function skipBlockComment(sql: string, start: number): number {
  * itself. With `backslashes` (E'' strings) a backslash escapes the next
  * character. Returns the decoded text and the index after the close.
  */
-function quoted(sql: string, start: number, quote: string, backslashes: boolean, finder?: NextFinder): [string, number] {
+function quoted(sql: string, start: number, quote: string, backslashes: boolean, finder?: NextFinder, doubled = true): [string, number] {
   // Runs between quotes (and escapes) are sliced whole: a multi-megabyte
   // literal costs a few indexOf calls, not a loop per character.
   let value = "";
@@ -160,7 +238,7 @@ function quoted(sql: string, start: number, quote: string, backslashes: boolean,
       i = b + length;
     } else if (q < 0) {
       return [value + sql.slice(i), sql.length];
-    } else if (sql[q + 1] === quote) {
+    } else if (doubled && sql[q + 1] === quote) {
       value += sql.slice(i, q + 1);
       i = q + 2;
     } else {

@@ -85,8 +85,25 @@ function checkHead(t: Token[], at: number, names: readonly string[]): Verdict | 
   if ((head === "alter" || head === "create" || head === "drop") && ROLE_WORDS.has(word(1) ?? "") && word(2) !== "mapping") {
     return refuse(t, at, `${head.toUpperCase()} ${word(1)!.toUpperCase()} is not allowed through multigres`);
   }
+
+  // CREATE/ALTER FUNCTION|PROCEDURE|ROUTINE … SET name = value: the setting
+  // holds while the function runs. (At a statement's start only: this reads
+  // the whole statement, which from every block start would be quadratic.)
+  if (at === 0 && (head === "create" || head === "alter") && [1, 2, 3].some((k) => ROUTINE_WORDS.has(word(k) ?? ""))) {
+    for (let j = at + 2; j < t.length; j++) {
+      if (t[j]!.kind !== "word" || t[j]!.value !== "set") continue;
+      const target = settingName(t, j + 1);
+      if (target && names.includes(target)) return refuse(t, at, `${target} is set by the proxy and cannot be changed, not even for a function`);
+      if (target === "client_encoding") {
+        const v = checkEncoding(t, j, 2);
+        if (v) return v;
+      }
+    }
+  }
   return undefined;
 }
+
+const ROUTINE_WORDS = new Set(["function", "procedure", "routine"]);
 
 const ROLE_WORDS = new Set(["role", "user", "group"]);
 
@@ -98,9 +115,14 @@ const ROLE_WORDS = new Set(["role", "user", "group"]);
  */
 const UNREADABLE_ENCODINGS = new Set(["sjis", "shiftjis", "mskanji", "win932", "windows932", "shiftjis2004", "big5", "win950", "windows950", "gbk", "win936", "windows936", "gb18030", "uhc", "win949", "windows949", "johab"]);
 
-/** Whether the guard cannot read SQL in this client_encoding (names compared as PostgreSQL does: case and punctuation aside). */
+/**
+ * Whether the guard cannot read SQL in this client_encoding. Names are
+ * compared as PostgreSQL's clean_encoding_name does: ASCII letters and
+ * digits only, lower-cased (so "SJIS\u212A", with a Kelvin sign that
+ * JavaScript would lower-case to k, is SJIS, as the server reads it).
+ */
 export function unreadableEncoding(name: string): boolean {
-  return UNREADABLE_ENCODINGS.has(name.toLowerCase().replace(/[^a-z0-9]/g, ""));
+  return UNREADABLE_ENCODINGS.has(name.replace(/[^A-Za-z0-9]/g, "").toLowerCase());
 }
 
 /** SET client_encoding / SET NAMES to an encoding the guard cannot read. */

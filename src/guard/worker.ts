@@ -8,8 +8,11 @@
  * The worker is the proxy's own entry point started again (`new
  * Worker(Bun.main)`; src/index.ts serves requests when it is not the main
  * thread), which works the same from source and from the compiled binary.
- * If it dies, pending and later statements are checked on the main thread:
- * slower, never unchecked.
+ * It checks one statement at a time, and tenants take turns: a tenant that
+ * sends many big statements waits behind itself, not in front of others
+ * (a parked session sends nothing more, so each session has at most one
+ * statement waiting). If the worker dies, pending and later statements are
+ * checked on the main thread: slower, never unchecked.
  */
 import { log } from "../log.ts";
 import { guardMessage } from "./guard.ts";
@@ -36,20 +39,42 @@ export function serveGuardRequests(): void {
   };
 }
 
+interface Job {
+  request: Request;
+  resolve: (replacement: Uint8Array | undefined) => void;
+}
+
 class GuardWorker {
   private worker: Worker | undefined;
   private broken = false;
   private next = 0;
-  private readonly pending = new Map<number, { request: Request; resolve: (r: Uint8Array | undefined) => void }>();
+  /** Waiting jobs by tenant, tenants in turn order (a Map keeps insertion order). */
+  private readonly queues = new Map<string, Job[]>();
+  private inFlight: Job | undefined;
 
-  /** The verdict on `message` (a copy the caller hands over). */
-  check(type: number, message: Uint8Array, names: readonly string[]): Promise<Uint8Array | undefined> {
+  /** The verdict on `message` (a copy the caller hands over), checked in `tenant`'s turn. */
+  check(type: number, message: Uint8Array, names: readonly string[], tenant: string): Promise<Uint8Array | undefined> {
     const request: Request = { id: ++this.next, type, message, names };
     if (this.broken) return Promise.resolve(onMainThread(request));
     return new Promise((resolve) => {
-      this.pending.set(request.id, { request, resolve });
-      this.started().postMessage(request);
+      const queue = this.queues.get(tenant);
+      if (queue) queue.push({ request, resolve });
+      else this.queues.set(tenant, [{ request, resolve }]);
+      this.pump();
     });
+  }
+
+  /** Send the next tenant's oldest job, if the worker is free. */
+  private pump(): void {
+    if (this.inFlight || this.broken) return;
+    const first = this.queues.entries().next();
+    if (first.done) return;
+    const [tenant, queue] = first.value;
+    const job = queue.shift()!;
+    this.queues.delete(tenant);
+    if (queue.length > 0) this.queues.set(tenant, queue); // to the back of the line
+    this.inFlight = job;
+    this.started().postMessage(job.request);
   }
 
   private started(): Worker {
@@ -57,18 +82,19 @@ class GuardWorker {
     const worker = new Worker(Bun.main);
     worker.unref(); // never what keeps the proxy running
     worker.onmessage = (e: MessageEvent<Reply>) => {
-      const p = this.pending.get(e.data.id);
-      this.pending.delete(e.data.id);
-      p?.resolve(e.data.replacement ?? undefined);
+      const job = this.inFlight;
+      this.inFlight = undefined;
+      if (job?.request.id === e.data.id) job.resolve(e.data.replacement ?? undefined);
+      this.pump();
     };
     worker.onerror = (e) => {
       log.error(`guard worker failed (${e.message}); checking statements on the main thread from now on`);
       this.broken = true;
       this.worker = undefined;
-      for (const [id, p] of this.pending) {
-        this.pending.delete(id);
-        p.resolve(onMainThread(p.request));
-      }
+      const jobs = [...(this.inFlight ? [this.inFlight] : []), ...[...this.queues.values()].flat()];
+      this.inFlight = undefined;
+      this.queues.clear();
+      for (const job of jobs) job.resolve(onMainThread(job.request));
     };
     return (this.worker = worker);
   }

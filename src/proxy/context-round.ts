@@ -36,6 +36,7 @@ export function establishContext(
   const role = request.rules.role ?? request.identity.role;
   let round: "binding" | "context" = server.binding ? "context" : "binding";
   let completed = 0; // CommandCompletes in this round
+  let answered = false; // this round's ParseComplete came: what follows answers it
   let status: string | undefined;
   server.tenant = undefined; // whatever it carried is being replaced
 
@@ -45,8 +46,16 @@ export function establishContext(
   };
 
   server.read((m: Frame) => {
+    // A reply before our ParseComplete answers nothing we sent: something
+    // between us and PostgreSQL (a pooler syncing its own settings) talks
+    // on this connection too.
+    if (!answered && (m.type === MSG.commandComplete || m.type === MSG.dataRow || m.type === MSG.readyForQuery)) {
+      return finish({ ok: false, error: errors.strangerOnTheLine(String.fromCharCode(m.type)) });
+    }
     switch (m.type) {
       case MSG.parseComplete:
+        answered = true;
+        return "more";
       case MSG.bindComplete:
         return "more";
       case MSG.commandComplete:
@@ -85,6 +94,7 @@ export function establishContext(
           if (!server.binding) return finish({ ok: false, error: errors.contextFailed("08P01", "the backend binding query returned no row") });
           round = "context";
           completed = 0;
+          answered = false;
           server.send(contextQuery(request.rules, request.identity, request.key, server.binding));
           return "more";
         }

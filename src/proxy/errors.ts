@@ -100,6 +100,12 @@ export const errors = {
       `a connection pooler sits between multigres and PostgreSQL: the server announced backend ${announced}, but the session runs in backend ${actual}, so a tenant context cannot be bound to it`,
       "point --upstream at PostgreSQL itself; multigres does the pooling",
     ),
+  strangerOnTheLine: (type: string) =>
+    fatal(
+      "55000",
+      `a connection pooler sits between multigres and PostgreSQL: a reply ('${type}') arrived for nothing the proxy sent, so a tenant context cannot be bound to the backend`,
+      "point --upstream at PostgreSQL itself; multigres does the pooling",
+    ),
   contextFailed: (code: string, message: string) =>
     fatal(
       code || "28000",

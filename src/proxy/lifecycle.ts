@@ -45,7 +45,7 @@ import type { StartupPacket } from "../protocol/startup.ts";
 import { md5PasswordResponse } from "../auth/md5.ts";
 import { scramContinue, scramStart, scramVerify } from "../auth/scram-client.ts";
 import { SCRAM_MECHANISM } from "../auth/scram.ts";
-import { forbiddenStartupParameter, printable, resolveIdentity, startupSetting } from "../tenant/identity.ts";
+import { forbiddenStartupParameter, printable, resolveIdentity, startupSettings } from "../tenant/identity.ts";
 import { signatureSetting } from "../tenant/context.ts";
 import { protectedSettings, unreadableEncoding } from "../guard/rules.ts";
 import type { Step } from "./client-auth.ts";
@@ -189,8 +189,8 @@ function beginSession(s: Session, p: Extract<StartupPacket, { kind: "startup" }>
   if (identity.kind === "tenant") {
     const forbidden = forbiddenStartupParameter(p.params, protectedSettings(s.config.tenantSetting, signatureSetting(s.config.tenantSetting)));
     if (forbidden) return s.fail(errors.forbiddenStartupParameter(forbidden));
-    const encoding = startupSetting(p.params, "client_encoding");
-    if (s.config.guard && encoding && unreadableEncoding(encoding)) return s.fail(errors.unreadableEncoding(printable(encoding)));
+    const encoding = startupSettings(p.params, "client_encoding").find(unreadableEncoding);
+    if (s.config.guard && encoding !== undefined) return s.fail(errors.unreadableEncoding(printable(encoding)));
     upstream.set("user", identity.role);
     // Postgres defaults the database to the user name; clients that fill it
     // in themselves (libpq, psql) send the long name, which is no database.

@@ -356,7 +356,9 @@ export class Session implements ServerOwner {
   private inspect = (type: number, bytes: Uint8Array, start: number, end: number): Verdict | Promise<Verdict> => {
     // A big statement is lexed off the event loop; this session waits for it alone.
     if (end - start > LEX_OFF_LOOP_ABOVE && needsLexing(type, bytes, start, end)) {
-      return guardWorker.check(type, bytes.slice(start, end), this.protectedNames).then((r) => this.refused(r));
+      // Turns are taken per <role>.<tenant>.
+      const who = this.identity?.kind === "tenant" ? this.identity.user : "";
+      return guardWorker.check(type, bytes.slice(start, end), this.protectedNames, who).then((r) => this.refused(r));
     }
     return this.refused(guardMessage(type, bytes, start, end, this.protectedNames));
   };

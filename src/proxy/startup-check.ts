@@ -98,7 +98,13 @@ function checkOne(ctx: ProxyContext, database: string, role: string): Promise<st
 
     const query = () => {
       let readies = 0;
+      let answered = false; // this round's ParseComplete came
       server.read((m: Frame) => {
+        if (!answered && (m.type === MSG.commandComplete || m.type === MSG.dataRow || m.type === MSG.readyForQuery)) {
+          settle("a connection pooler sits between the proxy and PostgreSQL (a reply to nothing the proxy sent)");
+          return "done";
+        }
+        if (m.type === MSG.parseComplete) answered = true;
         if (m.type === MSG.errorResponse) {
           const f = readErrorFields(m.body);
           const missing = f.get("C") === "42883" || f.get("C") === "3F000";
@@ -115,9 +121,12 @@ function checkOne(ctx: ProxyContext, database: string, role: string): Promise<st
             settle(`the database does not know context key ${contextKeyId(ctx.contextKey)}: run multigres setup with this proxy's secret`);
           }
         }
-        if (m.type === MSG.readyForQuery && ++readies === 2) {
-          settle(undefined);
-          return "done";
+        if (m.type === MSG.readyForQuery) {
+          answered = false;
+          if (++readies === 2) {
+            settle(undefined);
+            return "done";
+          }
         }
         return "more";
       });

@@ -64,13 +64,17 @@ export function optionSettings(options: string): string[] {
 }
 
 /**
- * The startup value of a setting as PostgreSQL will apply it: its own
- * parameter (applied after `options`, so it wins), else the last
- * `-c name=value` in `options`.
+ * Every value a startup packet gives a setting: parameters whose name
+ * matches in any case (PostgreSQL's setting names are case-insensitive),
+ * and `-c name=value` in `options`. Which one wins is the server's
+ * business; a caller that must refuse a value checks them all.
  */
-export function startupSetting(params: ReadonlyMap<string, string>, name: string): string | undefined {
-  const fromOptions = optionAssignments(params.get("options") ?? "").filter(([n]) => n.toLowerCase().replace(/-/g, "_") === name).at(-1)?.[1];
-  return params.get(name) ?? fromOptions;
+export function startupSettings(params: ReadonlyMap<string, string>, name: string): string[] {
+  const same = (n: string) => n.toLowerCase().replace(/-/g, "_") === name;
+  const out: string[] = [];
+  for (const [key, value] of params) if (same(key)) out.push(value);
+  for (const [key, value] of optionAssignments(params.get("options") ?? "")) if (same(key)) out.push(value);
+  return out;
 }
 
 /** `name=value` pairs of an `options` value (see optionSettings). */
@@ -111,8 +115,15 @@ function optionAssignments(options: string): [string, string][] {
 /** Postgres command-line switches that take an argument (its getopt string). */
 const OPTION_FLAGS_WITH_ARGUMENT = "BCcDdfhkNprStvW-";
 
+/**
+ * Characters that can end a line or rearrange one in a terminal or a log
+ * viewer: C0 and C1 controls, DEL, the Unicode line and paragraph
+ * separators, and the bidirectional overrides and isolates.
+ */
+export const UNPRINTABLE = /[\u0000-\u001f\u007f-\u009f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g;
+
 /** Never echo control characters or unbounded input into an error message or log. */
 export function printable(s: string): string {
   const clipped = s.length > 80 ? `${s.slice(0, 80)}…` : s;
-  return clipped.replace(/[\u0000-\u001f\u007f]/g, "?");
+  return clipped.replace(UNPRINTABLE, "?");
 }

@@ -21,6 +21,7 @@
  * used for each backend pid).
  */
 import { afterAll, beforeAll, describe, expect, test, setDefaultTimeout } from "bun:test";
+import { Client as pgClient } from "pg";
 import {
   APP_USER,
   AUTH_METHODS,
@@ -30,6 +31,7 @@ import {
   MD5_USER,
   NOTES,
   PASSWORDS,
+  pgbench,
   psql,
   startPostgres,
   startProxyFor,
@@ -37,6 +39,7 @@ import {
   TENANT_A,
   TRUST_USER,
   withClient,
+  writeTempFile,
   type PgInstance,
   type ProxyHandle,
 } from "../harness/index.ts";
@@ -123,6 +126,21 @@ describe("--auth proxy: the client authenticates at the proxy, the proxy logs in
     });
   }
 
+  test("node-postgres (pg) logs in with SCRAM at the proxy; a wrong password is the proxy's 28P01", async () => {
+    const client = new pgClient({ host: own.host, port: own.port, user: `${APP_USER}.${TENANT_A}`, password: PASSWORDS[APP_USER], database: pg.database });
+    await client.connect();
+    try {
+      const { rows } = await client.query("SELECT current_user AS usr, current_tenant_id() AS tenant, (SELECT count(*)::int FROM notes) AS n");
+      expect(rows).toEqual([{ usr: APP_USER, tenant: TENANT_A, n: NOTES.tenant_a.length }]);
+    } finally {
+      await client.end();
+    }
+    const wrong = new pgClient({ host: own.host, port: own.port, user: `${APP_USER}.${TENANT_A}`, password: WRONG, database: pg.database });
+    const err = (await wrong.connect().catch((e) => e)) as { code?: string; message?: string };
+    expect(`${err.code} ${err.message}`).toBe(`28P01 password authentication failed for user "${APP_USER}.${TENANT_A}"`);
+    await wrong.end().catch(() => {});
+  });
+
   test("psql and pgbench log in with SCRAM at the proxy", async () => {
     const r = await psql(own.url({ user: `${MD5_USER}.${TENANT_A}`, password: PASSWORDS[MD5_USER] }), "SELECT current_user, current_tenant_id()");
     expect(r.exitCode, describeRun(r)).toBe(0);
@@ -130,6 +148,11 @@ describe("--auth proxy: the client authenticates at the proxy, the proxy logs in
     const bad = await psql(own.url({ user: `${APP_USER}.${TENANT_A}`, password: WRONG }), "SELECT 1");
     expect(bad.exitCode, describeRun(bad)).toBe(2);
     expect(bad.stderr).toContain(`password authentication failed for user "${APP_USER}.${TENANT_A}"`);
+    // pgbench: a new connection (and SCRAM exchange) per transaction.
+    const script = writeTempFile("auth-pgbench.sql", "SELECT current_tenant_id();\n");
+    const r2 = await pgbench(["-n", "-C", "-c", "2", "-t", "10", "-f", script, own.url({ user: `${APP_USER}.${TENANT_A}`, password: PASSWORDS[APP_USER] })], { env: { PGSSLMODE: "disable" } });
+    expect(r2.exitCode, describeRun(r2)).toBe(0);
+    expect(r2.stdout).toMatch(/number of transactions actually processed: 20\/20/);
   });
 
   test("the superuser is relayed to PostgreSQL (its own password, pg_hba decides)", async () => {

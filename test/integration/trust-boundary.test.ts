@@ -284,8 +284,10 @@ describe("fail loud: the context round names the cause instead of 0 rows", () =>
       });
       proxies.push(behind);
       const err = await connectError(url(behind, TENANT_A, CLIENT_PASSWORD));
-      expect(err.code).toBe("55000");
-      expect(err.message).toMatch(/^a connection pooler sits between multigres and PostgreSQL: the server announced backend -?\d+, but the session runs in backend \d+/);
+      // PgBouncer hands out its own cancel key (the pids differ), and now and
+      // then syncs its settings on the line first (replies to nothing we
+      // sent): either way the proxy names the pooler.
+      expect(`${err.code} ${err.message}`).toMatch(/^55000 a connection pooler sits between multigres and PostgreSQL: (the server announced backend -?\d+, but the session runs in backend \d+|a reply \('[CDZ]'\) arrived for nothing the proxy sent)/);
       await behind.waitForLog(/startup check: context check as boundary_user@\S+: a connection pooler sits between the proxy and PostgreSQL/);
       const r = await readyz(behind);
       expect(r.status).toBe(503);

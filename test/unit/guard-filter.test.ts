@@ -1,6 +1,6 @@
 import { describe, expect, test } from "bun:test";
 import fc from "fast-check";
-import { mayBeForbidden } from "../../src/guard/guard.ts";
+import { mayBeForbidden, oversizeSink } from "../../src/guard/guard.ts";
 import { checkSql, protectedSettings } from "../../src/guard/rules.ts";
 
 const names = protectedSettings("app.current_tenant_id", "app.current_tenant_id_sig");
@@ -44,5 +44,50 @@ describe("guard byte filter", () => {
       }),
       { numRuns: 3000 },
     );
+  });
+});
+
+describe("oversize sink (statements over --guard-max-statement)", () => {
+  const parse = (name: string, sql: string, types: number[]) => {
+    const enc = new TextEncoder();
+    const t = new Uint8Array(2 + 4 * types.length);
+    const v = new DataView(t.buffer);
+    v.setInt16(0, types.length);
+    types.forEach((oid, k) => v.setInt32(2 + 4 * k, oid));
+    return Uint8Array.from([...enc.encode(name), 0, ...enc.encode(sql), 0, ...t]);
+  };
+  /** Name, SQL and declared parameter count of a Parse message. */
+  const readParse = (m: Uint8Array) => {
+    const body = m.subarray(5);
+    const nameEnd = body.indexOf(0);
+    const sqlEnd = body.indexOf(0, nameEnd + 1);
+    const dec = new TextDecoder();
+    return { type: String.fromCharCode(m[0]!), name: dec.decode(body.subarray(0, nameEnd)), sql: dec.decode(body.subarray(nameEnd + 1, sqlEnd)), count: new DataView(body.buffer, body.byteOffset + sqlEnd + 1).getInt16(0) };
+  };
+
+  test("property: a Parse fed in any pieces keeps its name and parameter count; the refusal says 54000", () => {
+    fc.assert(
+      fc.property(fc.stringMatching(/^[a-z0-9_]{0,20}$/), fc.string({ maxLength: 300 }).map((s) => s.replace(/\0/g, "")), fc.array(fc.integer({ min: 1, max: 5000 }), { maxLength: 40 }), fc.array(fc.integer({ min: 1, max: 50 }), { minLength: 1, maxLength: 20 }), (name, sql, types, cuts) => {
+        const body = parse(name, sql, types);
+        const sink = oversizeSink(0x50, body.length + 4, 1024);
+        for (let at = 0, i = 0; at < body.length; i++) {
+          const k = cuts[i % cuts.length]!;
+          sink.feed(body.subarray(at, at + k));
+          at += k;
+        }
+        const r = readParse(sink.end());
+        expect({ type: r.type, name: r.name, count: r.count }).toEqual({ type: "P", name, count: types.length });
+        expect(r.sql).toContain("ERRCODE = '54000'");
+      }),
+      { numRuns: 500 },
+    );
+  });
+
+  test("a Query or FunctionCall becomes a Query raising 54000", () => {
+    for (const type of [0x51, 0x46]) {
+      const m = oversizeSink(type, 5_000_000, 1 << 20).end();
+      expect(String.fromCharCode(m[0]!)).toBe("Q");
+      expect(new TextDecoder().decode(m)).toContain("ERRCODE = '54000'");
+    }
   });
 });

@@ -15,7 +15,7 @@
 import { describe, expect, test } from "bun:test";
 import fc from "fast-check";
 import { resolveConfig } from "../../src/config.ts";
-import { forbiddenStartupParameter, optionSettings, resolveIdentity, startupSetting, type IdentityRules } from "../../src/tenant/identity.ts";
+import { forbiddenStartupParameter, optionSettings, printable, resolveIdentity, startupSettings, type IdentityRules } from "../../src/tenant/identity.ts";
 
 const ENV = { MULTIGRES_CONTEXT_SECRET: "s".repeat(32), MULTIGRES_AUTH_FILE: "/etc/multigres/userlist.txt" };
 const defaults = resolveConfig({ env: ENV });
@@ -269,12 +269,18 @@ describe("optionSettings", () => {
   });
 });
 
-describe("startupSetting", () => {
-  test("its own parameter wins over options; else the last -c in options", () => {
+describe("startupSettings", () => {
+  test("every value given: parameters in any case, and -c / -- in options", () => {
     const p = (o: Record<string, string>) => new Map(Object.entries(o));
-    expect(startupSetting(p({ client_encoding: "UTF8", options: "-c client_encoding=SJIS" }), "client_encoding")).toBe("UTF8");
-    expect(startupSetting(p({ options: "-c client_encoding=SJIS -c client-encoding=BIG5" }), "client_encoding")).toBe("BIG5");
-    expect(startupSetting(p({ options: "--client_encoding=GBK" }), "client_encoding")).toBe("GBK");
-    expect(startupSetting(p({}), "client_encoding")).toBeUndefined();
+    expect(startupSettings(p({ client_encoding: "UTF8", CLIENT_ENCODING: "SJIS", options: "-c client_encoding=BIG5 --Client-Encoding=GBK" }), "client_encoding")).toEqual(["UTF8", "SJIS", "BIG5", "GBK"]);
+    expect(startupSettings(p({ application_name: "x" }), "client_encoding")).toEqual([]);
+  });
+});
+
+describe("printable", () => {
+  test("line breaks, C1 controls, Unicode separators and bidi overrides become ?; long input is clipped", () => {
+    expect(printable("a\nb\r\u0085c\u009b31m\u2028d\u2029e\u202ef\u2066g")).toBe("a?b??c?31m?d?e?f?g");
+    expect(printable("x".repeat(100))).toBe(`${"x".repeat(80)}…`);
+    expect(printable("ordinary é ü 名前")).toBe("ordinary é ü 名前");
   });
 });
