@@ -45,6 +45,7 @@ import {
   withClient,
   writeTempFile,
   passwordFor,
+  connectError,
   type Client,
   type PgInstance,
   type ProxyHandle,
@@ -570,10 +571,25 @@ describe("what the attacker review found (each was a way past the guard)", () =>
     expect(config).toBeNull();
   });
 
+  test("lexer edges: a string continued across lines keeps E'' escapes; long dollar tags; UESCAPE after a comment", async () => {
+    const tag = "a".repeat(300);
+    for (const sql of ["SELECT '\\', E''\n'\\' ', '\\'; SET ROLE NONE; --", `SELECT $${tag}$ ' $${tag}$; SET ROLE NONE; SELECT ' '`, `SET U&"r!006Fle" /**/ UESCAPE '!' TO NONE`]) {
+      await asTenantA(async (c) => {
+        expectGuardRefusal(await outcome(() => c.unsafe(sql)));
+        await expectContextIntact(c);
+      });
+    }
+  });
+
   test("client encodings the guard cannot read (SJIS and kin) are refused at startup and by SET", async () => {
     const r = await psql(tenantUrl(), "SELECT 1", { env: { PGCLIENTENCODING: "SJIS" } });
     expect(r.exitCode, describeRun(r)).not.toBe(0);
     expect(r.stderr).toContain("client_encoding SJIS cannot be read by multigres's guard");
+    // The setting's name in another case, and a name PostgreSQL cleans to SJIS.
+    for (const connection of [{ CLIENT_ENCODING: "SJIS" }, { client_encoding: "SJIS\u212A" }]) {
+      const err = await connectError(tenantUrl(), { connection });
+      expect(`${err.code} ${err.message}`).toMatch(/^28000 client_encoding SJIS.? cannot be read by multigres's guard$/);
+    }
     await asTenantA(async (sql) => {
       for (const stmt of ["SET client_encoding TO 'SJIS'", "SET NAMES 'BIG5'", "select set_config('client_encoding', 'GBK', false)"]) {
         expectGuardRefusal(await outcome(() => sql.unsafe(stmt)));
