@@ -18,6 +18,7 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { runSetup } from "../src/db/setup.ts";
 import { deriveContextKey } from "../src/tenant/context.ts";
 import { PGliteSessionServer } from "./pglite-server.ts";
 
@@ -122,7 +123,8 @@ export interface EmbeddedPostgres {
 
 /**
  * PGlite in memory with sql/setup.sql, the context key for `contextSecret`
- * and the demo schema, served on host:port (0 = a free port).
+ * and the demo schema, served on host:port (0 = a free port), then hardened
+ * by `multigres setup`'s own code.
  */
 export async function startEmbeddedPostgres(opts: {
   contextSecret: string;
@@ -157,6 +159,17 @@ export async function startEmbeddedPostgres(opts: {
       onCrash: opts.onCrash,
     });
     await server.start();
+    // What `multigres setup` does to a real server, so that the demo runs
+    // under the same hardening (db/harden.ts) a deployment gets.
+    await runSetup({
+      databaseUrl: `postgres://postgres@${opts.host ?? "127.0.0.1"}:${server.port}/postgres`,
+      appRole: APP_ROLE,
+      tenantSetting,
+      secret: opts.contextSecret,
+    }).catch(async (e) => {
+      await server.stop();
+      throw e;
+    });
     return {
       db,
       server,

@@ -85,8 +85,10 @@ export interface PrivilegedPath {
 /**
  * Every privileged role the given role reaches through memberships (direct
  * or through other roles, whatever INHERIT says: a member can SET ROLE).
+ * `where` (over pg_roles `r`) says which roles count; by default the
+ * privileged ones.
  */
-export async function privilegedMemberships(sql: Tx, roleOid: number): Promise<PrivilegedPath[]> {
+export async function privilegedMemberships(sql: Tx, roleOid: number, where = PRIVILEGED_ROLE_SQL): Promise<PrivilegedPath[]> {
   const rows = await sql.unsafe(
     `WITH RECURSIVE m(roleid, via, path) AS (
        SELECT am.roleid, am.roleid, ARRAY[am.member, am.roleid]
@@ -101,7 +103,7 @@ export async function privilegedMemberships(sql: Tx, roleOid: number): Promise<P
             (SELECT string_agg(x.rolname, ' → ' ORDER BY u.i) FROM unnest(m.path) WITH ORDINALITY AS u(oid, i)
                JOIN pg_catalog.pg_roles x ON x.oid = u.oid) AS path
      FROM m JOIN pg_catalog.pg_roles r ON r.oid = m.roleid JOIN pg_catalog.pg_roles v ON v.oid = m.via
-     WHERE ${PRIVILEGED_ROLE_SQL}
+     WHERE ${where}
      ORDER BY v.rolname, r.rolname, array_length(m.path, 1)`,
     [roleOid],
   );
@@ -225,4 +227,21 @@ export async function resolveCommon(args: CommonSources, env = process.env): Pro
     throw new UsageError(`the context secret (${secretOrigin}) must be at least 32 characters, as the proxy requires`);
   }
   return { databaseUrl, appRole, tenantSetting, secret };
+}
+
+/**
+ * Every value of a repeatable flag, in order, commas splitting further:
+ * `--x a --x b,c` and `--x=a,b` (citty keeps only the last occurrence).
+ */
+export function flagValues(rawArgs: readonly string[], flag: string): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < rawArgs.length; i++) {
+    const arg = rawArgs[i]!;
+    if (arg === "--") break;
+    let value: string | undefined;
+    if (arg === `--${flag}`) value = rawArgs[++i];
+    else if (arg.startsWith(`--${flag}=`)) value = arg.slice(flag.length + 3);
+    if (value !== undefined) out.push(...value.split(",").map((v) => v.trim()).filter((v) => v !== ""));
+  }
+  return out;
 }

@@ -30,8 +30,8 @@ export type HardeningId =
 export const HARDENING: readonly HardeningItem[] = [
   {
     id: "activity",
-    why: "pg_stat_activity shows the running and last statements, literals included, of every session of the same role: other tenants' queries",
-    breaks: "the app role cannot read pg_stat_activity (monitoring belongs in a pg_monitor member)",
+    why: "pg_stat_activity shows the running and last statements, literals included, of every session of the same role (other tenants' queries), and pg_locks their locks and advisory lock keys",
+    breaks: "the app role cannot read pg_stat_activity, pg_locks or the progress views (monitoring belongs in a member of pg_monitor)",
   },
   {
     id: "statistics",
@@ -61,7 +61,7 @@ export const HARDENING: readonly HardeningItem[] = [
   {
     id: "table-privileges",
     why: "TRUNCATE empties a table for every tenant, TRIGGER runs a tenant's code in other tenants' sessions, REFERENCES probes other tenants' keys",
-    breaks: "the app role cannot TRUNCATE, create triggers on, or reference tenant tables in its own foreign keys",
+    breaks: "the app role cannot TRUNCATE tenant tables, create triggers on any table, or reference tenant tables in foreign keys of its own; default privileges stop granting these on future tables",
   },
   {
     id: "role-settings",
@@ -80,24 +80,37 @@ export const HARDENING_IDS = HARDENING.map((h) => h.id);
  */
 export const MONITORING_ROLES = { read: "pg_monitor", signal: "pg_signal_backend" } as const;
 
-/** pg_catalog functions per item, as SQL over pg_proc aliased `p` (their regprocedure text). */
+/** pg_catalog functions per item, as SQL over pg_proc aliased `p`. */
 export const FUNCTIONS_SQL: Partial<Record<HardeningId, string>> = {
-  activity: `p.proname = 'pg_stat_get_activity' OR p.proname LIKE 'pg\\_stat\\_get\\_backend\\_%' OR p.proname = 'pg_stat_get_progress_info'`,
+  // Other sessions' statements, states and locks (advisory lock keys included).
+  activity:
+    `p.proname = 'pg_stat_get_activity' OR p.proname LIKE 'pg\\_stat\\_get\\_backend\\_%' OR p.proname = 'pg_stat_get_progress_info'` +
+    ` OR p.proname IN ('pg_lock_status', 'pg_blocking_pids', 'pg_safe_snapshot_blocking_pids')`,
+  // The per-relation and per-function counters: every pg_stat_get_*(oid) but
+  // the database-wide ones (pg_stat_get_db_*) and subscriptions'.
   statistics:
     `p.proname LIKE 'pg\\_stat\\_get\\_xact\\_%' OR (p.proname LIKE 'pg\\_stat\\_get\\_%' AND p.pronargs = 1 AND p.proargtypes[0] = 'oid'::regtype` +
-    ` AND p.proname NOT LIKE 'pg\\_stat\\_get\\_db\\_%' AND p.proname NOT LIKE 'pg\\_stat\\_get\\_function\\_%' AND p.proname NOT LIKE 'pg\\_stat\\_get\\_subscription%')`,
+    ` AND p.proname NOT LIKE 'pg\\_stat\\_get\\_db\\_%' AND p.proname NOT LIKE 'pg\\_stat\\_get\\_subscription%')`,
+  // lo_import/lo_export (server files) are superuser-only already.
   "large-objects": `(p.proname LIKE 'lo\\_%' AND p.proname NOT IN ('lo_import', 'lo_export')) OR p.proname IN ('loread', 'lowrite')`,
   signals: `p.proname IN ('pg_cancel_backend', 'pg_terminate_backend')`,
 };
 
-/** pg_catalog views per item, as SQL over pg_class aliased `c` (relname). */
+/** pg_catalog views per item, as SQL over pg_class aliased `c`. */
 export const VIEWS_SQL: Partial<Record<HardeningId, string>> = {
-  activity: `c.relname IN ('pg_stat_activity', 'pg_stat_ssl', 'pg_stat_gssapi') OR c.relname LIKE 'pg\\_stat\\_progress\\_%'`,
+  activity: `c.relname IN ('pg_stat_activity', 'pg_stat_ssl', 'pg_stat_gssapi', 'pg_locks') OR c.relname LIKE 'pg\\_stat\\_progress\\_%'`,
   statistics:
     `c.relname ~ '^pg_stat(io)?_(all|user|sys|xact_all|xact_user|xact_sys)_(tables|indexes|sequences|functions)$'` +
     ` OR c.relname IN ('pg_stat_user_functions', 'pg_stat_xact_user_functions')`,
   "large-objects": `c.relname = 'pg_largeobject_metadata'`,
 };
+
+/**
+ * Predefined roles that read every session's statements and statistics:
+ * a membership of the app role in one of them undoes `activity` and
+ * `statistics`, so setup revokes it (doctor reports it).
+ */
+export const MONITORING_MEMBERSHIPS = ["pg_monitor", "pg_read_all_stats", "pg_stat_scan_tables"] as const;
 
 /**
  * Settings pinned on the app role where only a superuser can change them:

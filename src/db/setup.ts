@@ -18,7 +18,13 @@
  *      secret is generated and printed once. --retire-other-keys deletes
  *      every other key (the last step of a rotation).
  *
- *   4. With --upstream-password-file: the app role's password, which the
+ *   4. Hardening (db/harden.ts): what one role shared by every tenant would
+ *      share between them is taken from PUBLIC and the app role — other
+ *      sessions' statements and statistics, large objects, signals, CREATE
+ *      on schemas, TRUNCATE/TRIGGER/REFERENCES, role-level settings — item
+ *      by item, each skippable with --no-harden <item>.
+ *
+ *   5. With --upstream-password-file: the app role's password, which the
  *      proxy logs in with (`--auth proxy`). A missing file gets a random
  *      password (written 0600 before the role is changed, so a failed run
  *      loses nothing); an existing one is applied. Sent as a SCRAM verifier
@@ -34,11 +40,14 @@ import { buildVerifier, formatVerifier, parseVerifier, passwordMatches } from ".
 import { defineCommand } from "citty";
 import setupSql from "../../sql/setup.sql" with { type: "text" };
 import { ConfigError } from "../config.ts";
+import { hardenDatabase, revokeMembership } from "./harden.ts";
+import { HARDENING_IDS, MONITORING_ROLES, type HardeningId } from "./hardening.ts";
 import { contextKeyId, deriveContextKey, signatureSetting } from "../tenant/context.ts";
 import {
   connectAdmin,
   DEFAULT_TENANT_SETTING,
   describeError,
+  flagValues,
   privilegedMemberships,
   quoteIdent,
   quoteLiteral,
@@ -59,6 +68,12 @@ export interface SetupOptions {
   generateSecret?: boolean;
   /** Set the app role's password from this file, generating it when the file does not exist. */
   upstreamPasswordFile?: string;
+  /** Columns that mark a tenant table [default: tenant_id]. */
+  tenantColumns?: string[];
+  /** Hardening items to keep as they are (--no-harden). */
+  keep?: HardeningId[];
+  /** Who gets the read access taken from PUBLIC [default: pg_monitor]. */
+  monitoringRole?: string;
 }
 
 export interface SetupResult {
@@ -202,7 +217,8 @@ const ROLE_ATTRIBUTES = [
   ["rolcanlogin", true, "LOGIN"],
 ] as const;
 
-async function hardenRole(tx: Tx, appRole: string, changes: string[], notes: string[], passwordComing: boolean): Promise<void> {
+/** Create the app role or fix its attributes and memberships; returns its oid. */
+async function hardenRole(tx: Tx, appRole: string, changes: string[], notes: string[], passwordComing: boolean): Promise<number> {
   const role = quoteIdent(appRole);
   const [me] = await tx`SELECT current_user AS name`;
   if (me?.name === appRole) {
@@ -216,7 +232,8 @@ async function hardenRole(tx: Tx, appRole: string, changes: string[], notes: str
     await tx.unsafe(`CREATE ROLE ${role} ${ROLE_ATTRIBUTES.map(([, , kw]) => kw).join(" ")}`);
     changes.push(`created role ${appRole} (${ROLE_ATTRIBUTES.map(([, , kw]) => kw).join(" ")})`);
     if (!passwordComing) notes.push(`role ${appRole} has no password yet: use --upstream-password-file FILE (or ALTER ROLE ${role} PASSWORD '…', stored as SCRAM)`);
-    return;
+    const [created] = await tx`SELECT oid::int AS oid FROM pg_catalog.pg_roles WHERE rolname = ${appRole}`;
+    return created!.oid as number;
   }
   for (const [column, wanted, keyword] of ROLE_ATTRIBUTES) {
     if (r[column] !== wanted) {
@@ -232,24 +249,8 @@ async function hardenRole(tx: Tx, appRole: string, changes: string[], notes: str
     const why = p.via === p.role ? p.reasons.join(", ") : `through it: ${p.path} (${p.reasons.join(", ")})`;
     byVia.set(p.via, [...(byVia.get(p.via) ?? []), why]);
   }
-  const [{ v: serverVersion } = { v: 0 }] = await tx`SELECT current_setting('server_version_num')::int AS v`;
   for (const [via, why] of byVia) {
-    if (serverVersion >= 160000) {
-      // Since PostgreSQL 16 a membership is one grant per grantor; revoke each.
-      const grantors = await tx`
-        SELECT DISTINCT g.rolname FROM pg_catalog.pg_auth_members am
-        JOIN pg_catalog.pg_roles g ON g.oid = am.grantor
-        WHERE am.member = ${r.oid} AND am.roleid = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = ${via})`;
-      for (const g of grantors) {
-        await tx.unsafe(`REVOKE ${quoteIdent(via)} FROM ${role} GRANTED BY ${quoteIdent(g.rolname)} CASCADE`);
-      }
-    } else {
-      await tx.unsafe(`REVOKE ${quoteIdent(via)} FROM ${role}`);
-    }
-    const [still] = await tx`
-      SELECT 1 AS yes FROM pg_catalog.pg_auth_members am
-      WHERE am.member = ${r.oid} AND am.roleid = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = ${via})`;
-    if (still) throw new Error(`could not revoke membership of ${appRole} in ${via}`);
+    await revokeMembership(tx, appRole, r.oid, via);
     changes.push(`${appRole}: revoked membership in ${via} (${why.join("; ")})`);
   }
 
@@ -272,6 +273,7 @@ async function hardenRole(tx: Tx, appRole: string, changes: string[], notes: str
     await tx.unsafe(`REVOKE ALL ON FUNCTION multigres.add_context_key(bytea) FROM ${role}`);
     changes.push(`${appRole}: revoked EXECUTE on multigres.add_context_key(bytea)`);
   }
+  return r.oid;
 }
 
 /** Run setup against the database; throws on failure (nothing is changed then). */
@@ -302,9 +304,20 @@ export async function runSetup(opts: SetupOptions): Promise<SetupResult> {
       const after = await snapshot(tx);
       changes.push(...diffSnapshots(before, after));
 
-      await hardenRole(tx, opts.appRole, changes, notes, opts.upstreamPasswordFile !== undefined);
+      const appOid = await hardenRole(tx, opts.appRole, changes, notes, opts.upstreamPasswordFile !== undefined);
       if (opts.upstreamPasswordFile) await setUpstreamPassword(tx, opts.appRole, opts.upstreamPasswordFile, changes);
       await storeKey(tx, opts, result);
+      await hardenDatabase(
+        tx,
+        {
+          appRole: opts.appRole,
+          appOid,
+          tenantColumns: opts.tenantColumns ?? ["tenant_id"],
+          keep: new Set(opts.keep ?? []),
+          monitoringRole: opts.monitoringRole ?? MONITORING_ROLES.read,
+        },
+        result,
+      );
       // A run that changes nothing writes nothing either: CREATE OR REPLACE
       // rewrites catalog rows even when they come out the same.
       if (changes.length === 0) throw NOTHING_CHANGED;
@@ -318,6 +331,14 @@ export async function runSetup(opts: SetupOptions): Promise<SetupResult> {
 }
 
 const NOTHING_CHANGED = Symbol("nothing changed");
+
+/** --no-harden values, checked against the item ids. */
+export function hardeningItems(values: string[]): HardeningId[] {
+  for (const v of values) {
+    if (!(HARDENING_IDS as string[]).includes(v)) throw new UsageError(`--no-harden: unknown item "${v}" (items: ${HARDENING_IDS.join(", ")})`);
+  }
+  return values as HardeningId[];
+}
 
 /** The proxy's upstream password for the app role: from the file, or generated into it. */
 async function setUpstreamPassword(tx: Tx, appRole: string, file: string, changes: string[]): Promise<void> {
@@ -426,8 +447,18 @@ export const setupCommand = defineCommand({
       description: "Set the app role's password (the proxy's upstream credential) from FILE, generating a random one into FILE when it does not exist",
       valueHint: "FILE",
     },
+    "no-harden": {
+      type: "string",
+      description: `Keep one hardening item as it is (repeatable, or a comma list): ${HARDENING_IDS.join(", ")}`,
+      valueHint: "ITEM",
+    },
+    "monitoring-role": {
+      type: "string",
+      description: `Role given the statistics and activity views taken from PUBLIC [default: ${MONITORING_ROLES.read}]`,
+      valueHint: "NAME",
+    },
   },
-  async run({ args }) {
+  async run({ args, rawArgs }) {
     let result: SetupResult;
     try {
       const c = await resolveCommon({
@@ -448,6 +479,8 @@ export const setupCommand = defineCommand({
         retireOtherKeys: Boolean(args["retire-other-keys"]),
         generateSecret: Boolean(args["generate-secret"]),
         upstreamPasswordFile: args["upstream-password-file"] as string | undefined,
+        keep: hardeningItems(flagValues(rawArgs, "no-harden")),
+        monitoringRole: (args["monitoring-role"] as string | undefined) || undefined,
       });
     } catch (e) {
       if (e instanceof UsageError || e instanceof ConfigError) {

@@ -35,8 +35,16 @@ const BINDING_SQL =
   " EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE (r.rolsuper OR r.rolbypassrls)" +
   " AND (pg_catalog.pg_has_role(session_user, r.oid, 'MEMBER') OR pg_catalog.pg_has_role($1::name, r.oid, 'MEMBER')))";
 
-/** Round 2, first statement. Schema-qualified so nothing on the search_path can stand in. */
-const SET_SQL = "SELECT pg_catalog.set_config($1, $2, false), pg_catalog.set_config($3, $4, false), pg_catalog.set_config('role', $5, false)";
+/**
+ * Round 2, first statement. Schema-qualified so nothing on the search_path
+ * can stand in. row_security is set on because a role-level default
+ * (`ALTER ROLE … SET row_security = off`, which any session of the role may
+ * run) would otherwise fail every tenant's queries; a session-level value
+ * outranks it.
+ */
+const SET_SQL =
+  "SELECT pg_catalog.set_config($1, $2, false), pg_catalog.set_config($3, $4, false)," +
+  " pg_catalog.set_config('row_security', 'on', false), pg_catalog.set_config('role', $5, false)";
 /** Round 2, second statement: 'ok', 'no key', 'no context' or 'invalid signature'. */
 const STATUS_SQL = "SELECT multigres.context_status($1)";
 

@@ -179,6 +179,17 @@ describe("bun run dev", () => {
     expect(seen[0]!.n).toBe(0);
   });
 
+  test("the embedded database is hardened as multigres setup hardens: the demo works, other sessions' statements do not show", async () => {
+    const acme = client(urls.acme);
+    const done = await acme`UPDATE tasks SET done = NOT done WHERE title IS NOT NULL RETURNING tenant_id`;
+    expect(new Set(done.map((r) => r.tenant_id))).toEqual(new Set(["acme"]));
+    await acme`UPDATE tasks SET done = NOT done WHERE title IS NOT NULL`;
+    const refused = await acme`SELECT query FROM pg_stat_activity`.catch((e) => e);
+    expect(refused.code).toBe("42501");
+    const [pinned] = await acme`SELECT current_setting('row_security') AS rs`;
+    expect(pinned!.rs).toBe("on");
+  });
+
   test("the superuser connection string bypasses the tenant and sees every tenant", async () => {
     const admin = client(urls.superuser);
     const rows = await admin`SELECT DISTINCT tenant_id FROM projects ORDER BY 1`;

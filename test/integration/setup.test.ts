@@ -76,6 +76,12 @@ describe("a fresh database", () => {
       "set schema_version 3",
       `created role ${role} (NOSUPERUSER NOBYPASSRLS NOCREATEROLE NOCREATEDB NOREPLICATION LOGIN)`,
       `stored context key ${idOf(SECRET_A)}`,
+      // What a fresh PostgreSQL 15 database lets every role do (see the hardening tests).
+      expect.stringMatching(new RegExp(`^activity: revoked SELECT on \\d+ views \\(pg_locks, pg_stat_activity, .* from PUBLIC and ${role}; granted to pg_monitor$`)),
+      expect.stringMatching(/^statistics: revoked SELECT on \d+ views .* EXECUTE on \d+ functions .*; granted to pg_monitor$/),
+      expect.stringMatching(/^large-objects: revoked SELECT on 1 view \(pg_largeobject_metadata\) and EXECUTE on \d+ functions /),
+      `signals: revoked EXECUTE on 2 functions (pg_cancel_backend(integer), pg_terminate_backend(integer,bigint)) from PUBLIC and ${role}; granted to pg_signal_backend`,
+      `role-settings: ${role}: pinned log_parameter_max_length = 0 (a superuser-only setting: the role cannot change it back)`,
       expect.stringMatching(new RegExp(`^note: role ${role} has no password yet`)),
     ]);
 
@@ -338,6 +344,158 @@ describe("hardening an existing app role", () => {
     // setup.sql ran before the role check, inside the same transaction: rolled back.
     const [s] = await scratch.as(db.name, (sql) => sql`SELECT to_regnamespace('multigres') IS NULL AS absent`);
     expect(s?.absent).toBe(true);
+  });
+});
+
+describe("hardening the database (what one role shared by every tenant would share)", () => {
+  /** A database the way PostgreSQL 14, GRANT ALL and a helpful ALTER ROLE leave it. */
+  async function openDatabase(role: string) {
+    const db = await scratch.database();
+    await pg.sql.unsafe(`CREATE ROLE "${role}" LOGIN PASSWORD 'app-pw'; GRANT pg_read_all_stats TO "${role}";
+                         GRANT CREATE ON DATABASE "${db.name}" TO "${role}";
+                         ALTER ROLE "${role}" SET search_path = "$user", public, pg_catalog;
+                         ALTER ROLE "${role}" SET row_security = off;
+                         ALTER ROLE "${role}" IN DATABASE "${db.name}" SET statement_timeout = '1ms';
+                         ALTER ROLE "${role}" SET app.api_key = 'not-for-the-output';`);
+    await scratch.as(db.name, (sql) =>
+      sql.unsafe(`
+        GRANT CREATE ON SCHEMA public TO PUBLIC;  -- PostgreSQL 14 and older, and upgraded clusters
+        CREATE EXTENSION pg_stat_statements;
+        CREATE TABLE public.notes (id bigserial PRIMARY KEY, tenant_id text NOT NULL, body text);
+        CREATE TABLE public.countries (code text PRIMARY KEY);
+        GRANT ALL ON ALL TABLES IN SCHEMA public TO "${role}";
+        GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO "${role}";
+        GRANT REFERENCES (tenant_id) ON public.notes TO PUBLIC;
+        ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT ALL ON TABLES TO "${role}";`),
+    );
+    return db;
+  }
+
+  const asApp = <T,>(db: { name: string }, role: string, fn: (sql: Parameters<Parameters<typeof withClient>[1]>[0]) => Promise<T>) => {
+    const u = new URL(scratch.url(db.name));
+    u.username = role;
+    u.password = "app-pw";
+    return withClient(u.toString(), fn);
+  };
+  const refused = async (p: Promise<unknown>) => {
+    const e = (await p.then(() => undefined, (x) => x)) as { code?: string; message?: string } | undefined;
+    return e ? `${e.code}` : "allowed";
+  };
+
+  test("every item is closed, one line each; the app role is refused each; the second run changes nothing", async () => {
+    const role = scratch.role("app");
+    const db = await openDatabase(role);
+    const admin = decodeURIComponent(new URL(pg.adminUrl).username);
+
+    const r = await setup(db.url, role, { secret: SECRET_A });
+    expect(r.exitCode, describeCli(r)).toBe(0);
+    const out = lines(r.stdout).filter((l) => /^[a-z-]+: /.test(l) && !l.startsWith(`${role}:`));
+    expect(out).toEqual([
+      `activity: ${role}: revoked membership in pg_read_all_stats (${role} → pg_read_all_stats: reads every session's statements)`,
+      expect.stringMatching(/^activity: revoked SELECT on \d+ views \(pg_locks, pg_stat_activity, /),
+      expect.stringMatching(/^statistics: revoked /),
+      `pg-stat-statements: revoked SELECT on 2 views (public.pg_stat_statements, public.pg_stat_statements_info) and EXECUTE on 2 functions (public.pg_stat_statements(boolean), public.pg_stat_statements_info()) from PUBLIC and ${role}; granted to pg_monitor`,
+      expect.stringMatching(/^large-objects: revoked /),
+      expect.stringMatching(/^signals: revoked /),
+      `schema-create: revoked CREATE on schema public from PUBLIC and ${role}`,
+      `schema-create: revoked CREATE on database ${db.name} (CREATE SCHEMA) from PUBLIC and ${role}`,
+      `table-privileges: revoked TRIGGER on table public.countries from PUBLIC and ${role}`,
+      `table-privileges: revoked REFERENCES, TRIGGER, TRUNCATE, REFERENCES (tenant_id) on tenant table public.notes from PUBLIC and ${role}`,
+      // GRANT ALL ON ALL TABLES reached the extension's views too.
+      `table-privileges: revoked TRIGGER on view public.pg_stat_statements from PUBLIC and ${role}`,
+      `table-privileges: revoked TRIGGER on view public.pg_stat_statements_info from PUBLIC and ${role}`,
+      `table-privileges: default privileges of ${admin} in schema public no longer grant REFERENCES, TRIGGER, TRUNCATE on new tables to PUBLIC and ${role}`,
+      `role-settings: ${role}: reset search_path (was "$user", public, pg_catalog)`,
+      `role-settings: ${role}: reset row_security (was off)`,
+      `role-settings: ${role}: reset app.api_key (value not shown)`,
+      `role-settings: ${role}: reset statement_timeout in database ${db.name} (was 1ms)`,
+      `role-settings: ${role}: pinned log_parameter_max_length = 0 (a superuser-only setting: the role cannot change it back)`,
+    ]);
+    expect(r.stdout).not.toContain("not-for-the-output");
+
+    await asApp(db, role, async (sql) => {
+      // What it still does: its own tables.
+      await sql`INSERT INTO public.notes (tenant_id, body) VALUES ('a', 'x')`;
+      expect((await sql`SELECT count(*)::int AS n FROM public.notes`)[0]?.n).toBe(1);
+      // What it no longer does, each with permission denied.
+      const attempts: Record<string, string> = {
+        "pg_stat_activity": await refused(sql`SELECT query FROM pg_stat_activity`),
+        "pg_stat_get_activity()": await refused(sql`SELECT * FROM pg_stat_get_activity(NULL)`),
+        "pg_locks": await refused(sql`SELECT * FROM pg_locks`),
+        "pg_stat_xact_user_tables": await refused(sql`SELECT idx_tup_fetch FROM pg_stat_xact_user_tables`),
+        "pg_stat_get_xact_tuples_fetched()": await refused(sql`SELECT pg_stat_get_xact_tuples_fetched('public.notes'::regclass)`),
+        "pg_stat_statements": await refused(sql`SELECT query FROM pg_stat_statements`),
+        "lo_create()": await refused(sql`SELECT lo_create(0)`),
+        "lo_get()": await refused(sql`SELECT lo_get(1)`),
+        "pg_terminate_backend()": await refused(sql`SELECT pg_terminate_backend(pg_backend_pid() + 1)`),
+        "CREATE FUNCTION public.f": await refused(sql`CREATE FUNCTION public.f() RETURNS int LANGUAGE sql AS 'SELECT 1'`),
+        "CREATE SCHEMA": await refused(sql`CREATE SCHEMA ${sql(role)}`),
+        "TRUNCATE tenant table": await refused(sql`TRUNCATE public.notes`),
+        "CREATE TRIGGER": await refused(
+          sql.unsafe(`CREATE FUNCTION pg_temp.t() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END';
+                      CREATE TRIGGER t BEFORE INSERT ON public.countries FOR EACH ROW EXECUTE FUNCTION pg_temp.t()`),
+        ),
+        "ALTER ROLE RESET pinned": await refused(sql.unsafe(`ALTER ROLE "${role}" RESET log_parameter_max_length`)),
+      };
+      expect(attempts).toEqual(Object.fromEntries(Object.keys(attempts).map((k) => [k, "42501"])));
+      const [settings] = await sql`SELECT current_setting('log_parameter_max_length') AS lp, current_setting('row_security') AS rs,
+                                          current_setting('statement_timeout') AS st, current_setting('search_path') AS sp`;
+      expect(settings).toEqual({ lp: "0", rs: "on", st: "0", sp: '"$user", public' });
+    });
+    // Monitoring keeps working for monitoring roles.
+    const [monitor] = await scratch.as(db.name, (sql) =>
+      sql`SELECT has_table_privilege('pg_monitor', 'pg_stat_activity', 'SELECT') AS activity,
+                 has_function_privilege('pg_signal_backend', 'pg_terminate_backend(integer,bigint)', 'EXECUTE') AS signal`,
+    );
+    expect(monitor).toEqual({ activity: true, signal: true });
+
+    const again = await setup(db.url, role, { secret: SECRET_A });
+    expect(again.exitCode, describeCli(again)).toBe(0);
+    expect(again.stdout).toBe("nothing to change\n");
+  });
+
+  test("--no-harden keeps an item as it is and says so; an unknown item is a usage error", async () => {
+    const role = scratch.role("app");
+    const db = await openDatabase(role);
+    const r = await setup(db.url, role, { secret: SECRET_A, args: ["--no-harden", "activity", "--no-harden=signals,role-settings"] });
+    expect(r.exitCode, describeCli(r)).toBe(0);
+    const out = lines(r.stdout);
+    expect(out.filter((l) => /^(activity|signals|role-settings): /.test(l))).toEqual([]);
+    expect(out.filter((l) => l.startsWith("note: kept ")).map((l) => l.split(":")[1])).toEqual([
+      " kept activity as it is (--no-harden)",
+      " kept signals as it is (--no-harden)",
+      " kept role-settings as it is (--no-harden)",
+    ]);
+    expect(out).toContain(`schema-create: revoked CREATE on schema public from PUBLIC and ${role}`);
+    const [p] = await scratch.as(db.name, (sql) =>
+      sql`SELECT has_table_privilege(${role}, 'pg_stat_activity', 'SELECT') AS activity,
+                 (SELECT setconfig FROM pg_db_role_setting WHERE setrole = ${role}::regrole AND setdatabase = 0) AS settings`,
+    );
+    expect(p?.activity).toBe(true);
+    expect(p?.settings).toContain("row_security=off");
+
+    const bad = await setup(db.url, role, { secret: SECRET_A, args: ["--no-harden", "activty"] });
+    expect(bad.exitCode, describeCli(bad)).toBe(2);
+    expect(bad.stderr).toContain(`--no-harden: unknown item "activty" (items: activity, statistics, pg-stat-statements, large-objects, signals, schema-create, table-privileges, role-settings)`);
+  });
+
+  test("--monitoring-role gets the read access PUBLIC loses; one the app role belongs to is refused", async () => {
+    const role = scratch.role("app");
+    const watcher = scratch.role("watcher");
+    const db = await scratch.database();
+    await pg.sql.unsafe(`CREATE ROLE "${watcher}" NOLOGIN`);
+    const r = await setup(db.url, role, { secret: SECRET_A, args: ["--monitoring-role", watcher] });
+    expect(r.exitCode, describeCli(r)).toBe(0);
+    expect(lines(r.stdout).filter((l) => l.endsWith(`; granted to ${watcher}`)).map((l) => l.split(":")[0])).toEqual(["activity", "statistics"]);
+    const [p] = await scratch.as(db.name, (sql) =>
+      sql`SELECT has_table_privilege(${watcher}, 'pg_stat_activity', 'SELECT') AS watcher, has_table_privilege(${role}, 'pg_stat_activity', 'SELECT') AS app`,
+    );
+    expect(p).toEqual({ watcher: true, app: false });
+
+    await pg.sql.unsafe(`GRANT "${watcher}" TO "${role}"`);
+    const bad = await setup(db.url, role, { secret: SECRET_A, args: ["--monitoring-role", watcher] });
+    expect(bad.exitCode, describeCli(bad)).toBe(2);
+    expect(bad.stderr).toContain(`--monitoring-role ${watcher}: ${role} is a member of it`);
   });
 });
 
