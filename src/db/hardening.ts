@@ -30,13 +30,13 @@ export type HardeningId =
 export const HARDENING: readonly HardeningItem[] = [
   {
     id: "activity",
-    why: "pg_stat_activity shows the running and last statements, literals included, of every session of the same role (other tenants' queries), and pg_locks their locks and advisory lock keys",
+    why: "pg_stat_activity shows the running and last statements, literals included, of every session of the same role (other tenants' queries), pg_locks their locks and advisory lock keys, pg_prepared_xacts their prepared transactions",
     breaks: "the app role cannot read pg_stat_activity, pg_locks or the progress views (monitoring belongs in a member of pg_monitor)",
   },
   {
     id: "statistics",
-    why: "per-table and per-transaction counters (pg_stat_*_tables, pg_stat_xact_*, pg_statio_*) count rows that row-level security hides: index bisection recovers other tenants' values",
-    breaks: "the app role cannot read the statistics views",
+    why: "the statistics counters (pg_stat_*_tables, pg_stat_xact_*, pg_statio_*, pg_stat_database) count rows that row-level security hides: index bisection recovers other tenants' values",
+    breaks: "the app role cannot read the statistics views, database-wide ones included",
   },
   {
     id: "pg-stat-statements",
@@ -85,12 +85,13 @@ export const FUNCTIONS_SQL: Partial<Record<HardeningId, string>> = {
   // Other sessions' statements, states and locks (advisory lock keys included).
   activity:
     `p.proname = 'pg_stat_get_activity' OR p.proname LIKE 'pg\\_stat\\_get\\_backend\\_%' OR p.proname = 'pg_stat_get_progress_info'` +
-    ` OR p.proname IN ('pg_lock_status', 'pg_blocking_pids', 'pg_safe_snapshot_blocking_pids')`,
-  // The per-relation and per-function counters: every pg_stat_get_*(oid) but
-  // the database-wide ones (pg_stat_get_db_*) and subscriptions'.
+    ` OR p.proname IN ('pg_lock_status', 'pg_blocking_pids', 'pg_safe_snapshot_blocking_pids', 'pg_prepared_xact')`,
+  // Every counter of rows or blocks read: per relation, per function, per
+  // transaction, and per database (in a quiet database, tup_fetched counts
+  // the rows a query's scan read before row-level security dropped them).
   statistics:
-    `p.proname LIKE 'pg\\_stat\\_get\\_xact\\_%' OR (p.proname LIKE 'pg\\_stat\\_get\\_%' AND p.pronargs = 1 AND p.proargtypes[0] = 'oid'::regtype` +
-    ` AND p.proname NOT LIKE 'pg\\_stat\\_get\\_db\\_%' AND p.proname NOT LIKE 'pg\\_stat\\_get\\_subscription%')`,
+    `p.proname LIKE 'pg\\_stat\\_get\\_xact\\_%' OR p.proname LIKE 'pg\\_stat\\_get\\_db\\_%'` +
+    ` OR (p.proname LIKE 'pg\\_stat\\_get\\_%' AND p.pronargs = 1 AND p.proargtypes[0] = 'oid'::regtype AND p.proname NOT LIKE 'pg\\_stat\\_get\\_subscription%')`,
   // lo_import/lo_export (server files) are superuser-only already.
   "large-objects": `(p.proname LIKE 'lo\\_%' AND p.proname NOT IN ('lo_import', 'lo_export')) OR p.proname IN ('loread', 'lowrite')`,
   signals: `p.proname IN ('pg_cancel_backend', 'pg_terminate_backend')`,
@@ -98,10 +99,11 @@ export const FUNCTIONS_SQL: Partial<Record<HardeningId, string>> = {
 
 /** pg_catalog views per item, as SQL over pg_class aliased `c`. */
 export const VIEWS_SQL: Partial<Record<HardeningId, string>> = {
-  activity: `c.relname IN ('pg_stat_activity', 'pg_stat_ssl', 'pg_stat_gssapi', 'pg_locks') OR c.relname LIKE 'pg\\_stat\\_progress\\_%'`,
+  activity:
+    `c.relname IN ('pg_stat_activity', 'pg_stat_ssl', 'pg_stat_gssapi', 'pg_locks', 'pg_prepared_xacts') OR c.relname LIKE 'pg\\_stat\\_progress\\_%'`,
   statistics:
     `c.relname ~ '^pg_stat(io)?_(all|user|sys|xact_all|xact_user|xact_sys)_(tables|indexes|sequences|functions)$'` +
-    ` OR c.relname IN ('pg_stat_user_functions', 'pg_stat_xact_user_functions')`,
+    ` OR c.relname IN ('pg_stat_user_functions', 'pg_stat_xact_user_functions', 'pg_stat_database', 'pg_stat_database_conflicts')`,
   "large-objects": `c.relname = 'pg_largeobject_metadata'`,
 };
 

@@ -77,7 +77,7 @@ describe("a fresh database", () => {
       `created role ${role} (NOSUPERUSER NOBYPASSRLS NOCREATEROLE NOCREATEDB NOREPLICATION LOGIN)`,
       `stored context key ${idOf(SECRET_A)}`,
       // What a fresh PostgreSQL 15 database lets every role do (see the hardening tests).
-      expect.stringMatching(new RegExp(`^activity: revoked SELECT on \\d+ views \\(pg_locks, pg_stat_activity, .* from PUBLIC and ${role}; granted to pg_monitor$`)),
+      expect.stringMatching(new RegExp(`^activity: revoked SELECT on \\d+ views \\(pg_locks, pg_prepared_xacts, pg_stat_activity, …\\) .* from PUBLIC and ${role}; granted to pg_monitor$`)),
       expect.stringMatching(/^statistics: revoked SELECT on \d+ views .* EXECUTE on \d+ functions .*; granted to pg_monitor$/),
       expect.stringMatching(/^large-objects: revoked SELECT on 1 view \(pg_largeobject_metadata\) and EXECUTE on \d+ functions /),
       `signals: revoked EXECUTE on 2 functions (pg_cancel_backend(integer), pg_terminate_backend(integer,bigint)) from PUBLIC and ${role}; granted to pg_signal_backend`,
@@ -392,7 +392,7 @@ describe("hardening the database (what one role shared by every tenant would sha
     const out = lines(r.stdout).filter((l) => /^[a-z-]+: /.test(l) && !l.startsWith(`${role}:`));
     expect(out).toEqual([
       `activity: ${role}: revoked membership in pg_read_all_stats (${role} → pg_read_all_stats: reads every session's statements)`,
-      expect.stringMatching(/^activity: revoked SELECT on \d+ views \(pg_locks, pg_stat_activity, /),
+      expect.stringMatching(/^activity: revoked SELECT on \d+ views \(pg_locks, pg_prepared_xacts, pg_stat_activity, …\) /),
       expect.stringMatching(/^statistics: revoked /),
       `pg-stat-statements: revoked SELECT on 2 views (public.pg_stat_statements, public.pg_stat_statements_info) and EXECUTE on 2 functions (public.pg_stat_statements(boolean), public.pg_stat_statements_info()) from PUBLIC and ${role}; granted to pg_monitor`,
       expect.stringMatching(/^large-objects: revoked /),

@@ -125,7 +125,8 @@ describe("index bisection: counters of the rows row-level security drops", () =>
       userIndexes: await outcome(a`SELECT idx_tup_read FROM pg_stat_user_indexes`),
       fetched: await outcome(a`SELECT pg_stat_get_xact_tuples_fetched('public.secrets'::regclass)`),
       returned: await outcome(a`SELECT pg_stat_get_tuples_returned('public.secrets'::regclass)`),
-    }).toEqual({ xactTables: "42501", userIndexes: "42501", fetched: "42501", returned: "42501" });
+      database: await outcome(a`SELECT tup_fetched FROM pg_stat_database`),
+    }).toEqual({ xactTables: "42501", userIndexes: "42501", fetched: "42501", returned: "42501", database: "42501" });
     const [control] = await superuser((sql) => sql`SELECT count(*)::int AS n FROM pg_stat_user_tables WHERE relname = 'secrets'`);
     expect(control?.n).toBe(1);
   });
