@@ -75,7 +75,7 @@ function catalogFinding(ctx: AuditContext, id: HardeningId, functions: Reach[], 
   if (functions.length === 0 && relations.length === 0) return undefined;
   const can: string[] = [];
   if (functions.length > 0) can.push(`execute ${nameFew(functions.map((f) => f.name))} (${plural(functions.length, "function")})`);
-  if (relations.length > 0) can.push(`read ${nameFew(relations.map((r) => r.name))} (${plural(relations.length, "view")})`);
+  if (relations.length > 0) can.push(`read ${nameFew(relations.map((r) => r.name))} (${plural(relations.length, "relation")})`);
   const to = REGRANTED_TO[id];
   const statements = [revokeStatement("EXECUTE", "FUNCTION", functions), revokeStatement("SELECT", "TABLE", relations)];
   if (to) {
@@ -104,44 +104,42 @@ function hardeningFinding(
   };
 }
 
+/** How to read the objects an item names: functions to execute, relations to read. */
+const OBJECTS = {
+  function: { name: "p.oid::regprocedure::text", from: "pg_catalog.pg_proc p", acl: "p.proacl", kind: "f", owner: "p.proowner", privilege: "EXECUTE" },
+  relation: { name: "c.oid::regclass::text", from: "pg_catalog.pg_class c", acl: "c.relacl", kind: "r", owner: "c.relowner", privilege: "SELECT" },
+} as const;
+
+/** Objects matching `where` (over pg_proc `p` or pg_class `c`) that the app role can use. */
+async function reached(ctx: AuditContext, of: keyof typeof OBJECTS, where: string): Promise<Reach[]> {
+  const o = OBJECTS[of];
+  const rows = await ctx.tx.unsafe(
+    `SELECT ${o.name} AS name, ${reachColumns(o.acl, o.kind, o.owner, [o.privilege])} FROM ${o.from} WHERE ${where} ORDER BY 1`,
+    [ctx.appOid],
+  );
+  return reachable(rows);
+}
+
 /** pg_catalog functions and relations of an item that the app role can use. */
 async function catalogReach(ctx: AuditContext, id: HardeningId): Promise<[Reach[], Reach[]]> {
   const fnSql = FUNCTIONS_SQL[id];
   const viewSql = VIEWS_SQL[id];
-  const functions = fnSql
-    ? await ctx.tx.unsafe(
-        `SELECT p.oid::regprocedure::text AS name, ${reachColumns("p.proacl", "f", "p.proowner", ["EXECUTE"])}
-         FROM pg_catalog.pg_proc p WHERE p.pronamespace = 'pg_catalog'::regnamespace AND (${fnSql}) ORDER BY 1`,
-        [ctx.appOid],
-      )
-    : [];
-  const relations = viewSql
-    ? await ctx.tx.unsafe(
-        `SELECT c.oid::regclass::text AS name, ${reachColumns("c.relacl", "r", "c.relowner", ["SELECT"])}
-         FROM pg_catalog.pg_class c WHERE c.relnamespace = 'pg_catalog'::regnamespace AND (${viewSql}) ORDER BY 1`,
-        [ctx.appOid],
-      )
-    : [];
-  return [reachable(functions), reachable(relations)];
+  return [
+    fnSql ? await reached(ctx, "function", `p.pronamespace = 'pg_catalog'::regnamespace AND (${fnSql})`) : [],
+    viewSql ? await reached(ctx, "relation", `c.relnamespace = 'pg_catalog'::regnamespace AND (${viewSql})`) : [],
+  ];
 }
 
-/** pg_stat_statements' functions and relations, wherever the extension is installed (none when it is not). */
+/** pg_stat_statements' functions and relations, in whatever schema it is installed (none when it is not). */
 async function statementsReach(ctx: AuditContext): Promise<[Reach[], Reach[]]> {
-  const members = `SELECT d.classid, d.objid FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_extension e
-                     ON d.refclassid = 'pg_catalog.pg_extension'::regclass AND d.refobjid = e.oid
-                   WHERE e.extname = 'pg_stat_statements' AND d.deptype = 'e'`;
-  const functions = await ctx.tx.unsafe(
-    `SELECT p.oid::regprocedure::text AS name, ${reachColumns("p.proacl", "f", "p.proowner", ["EXECUTE"])}
-     FROM pg_catalog.pg_proc p JOIN (${members}) m ON m.classid = 'pg_catalog.pg_proc'::regclass AND m.objid = p.oid ORDER BY 1`,
-    [ctx.appOid],
-  );
-  const relations = await ctx.tx.unsafe(
-    `SELECT c.oid::regclass::text AS name, ${reachColumns("c.relacl", "r", "c.relowner", ["SELECT"])}
-     FROM pg_catalog.pg_class c JOIN (${members}) m ON m.classid = 'pg_catalog.pg_class'::regclass AND m.objid = c.oid
-     WHERE c.relkind IN ('r', 'v', 'm', 'p', 'f') ORDER BY 1`,
-    [ctx.appOid],
-  );
-  return [reachable(functions), reachable(relations)];
+  const members = (catalog: string) =>
+    `SELECT d.objid FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_extension e
+       ON d.refclassid = 'pg_catalog.pg_extension'::regclass AND d.refobjid = e.oid
+     WHERE e.extname = 'pg_stat_statements' AND d.deptype = 'e' AND d.classid = '${catalog}'::regclass`;
+  return [
+    await reached(ctx, "function", `p.oid IN (${members("pg_catalog.pg_proc")})`),
+    await reached(ctx, "relation", `c.oid IN (${members("pg_catalog.pg_class")}) AND c.relkind IN ('r', 'v', 'm', 'p', 'f')`),
+  ];
 }
 
 async function schemaCreate(ctx: AuditContext): Promise<Finding | undefined> {
@@ -219,7 +217,7 @@ async function defaultPrivileges(ctx: AuditContext): Promise<Finding[]> {
         ctx,
         "table-privileges",
         `default privileges of role ${r.owner}${r.schema ? ` in schema ${r.schema}` : ""}`,
-        `tables ${r.owner} creates${r.schema ? ` in ${r.schema}` : ""} will grant ${(r.privileges as string[]).join(", ")} to ${grantees}, which ${ctx.app} holds`,
+        `tables ${r.owner} creates${r.schema ? ` in ${r.schema}` : ""} will grant ${(r.privileges as string[]).join(", ")} to ${grantees}, and so to ${ctx.app}`,
         [`ALTER DEFAULT PRIVILEGES ${scope} REVOKE ${TENANT_TABLE_PRIVILEGES.join(", ")} ON TABLES FROM ${grantees}`],
       ),
       severity: "warning" as const,
