@@ -69,8 +69,6 @@ interface AuditOptions {
   doctorEnv?: Record<string, string>;
   /** Audit this role instead of the case's app role. */
   auditRole?: (c: Ctx) => string;
-  /** Leave the database as plain setup leaves it (no hardenLikeSetup). */
-  unhardened?: boolean;
 }
 
 interface Audit {
@@ -94,14 +92,14 @@ async function audit(o: AuditOptions = {}): Promise<Audit> {
       });
       if (s.exitCode !== 0) throw new Error(`setup failed:\n${describeCli(s)}`);
     }
-    if (!o.unhardened) await hardenLikeSetup(db.name, ctx.app);
+    await hardenLikeSetup(db.name, ctx.app); // until setup hardens (issue 10 part 1)
   }
   if (o.plant) await scratch.as(db.name, (sql) => sql.unsafe(o.plant!(ctx)));
   return doctor({ ctx }, o.doctorArgs ?? [], o.auditRole ? o.auditRole(ctx) : ctx.app, o.doctorEnv);
 }
 
 // until setup hardens (issue 10 part 1): then plain setup does this, and
-// this helper (and the `unhardened` option) go.
+// this helper and its one call in audit() go.
 /**
  * What setup will do per hardening.ts: take the activity, statistics,
  * large-object and signal functions and views (and pg_stat_statements',
