@@ -73,7 +73,7 @@ import {
   UsageError,
 } from "./connect.ts";
 import { nameFew, plural, type AuditContext, type Finding, type Severity } from "./doctor-findings.ts";
-import { checkHardening, keptByChoice } from "./doctor-hardening.ts";
+import { checkHardening, granteesSql, keptByChoice } from "./doctor-hardening.ts";
 import { indexFindings, readIndexes } from "./doctor-indexes.ts";
 import { APP_SCHEMA_SQL, HARDENING_IDS, TENANT_TABLES_SQL, type HardeningId } from "./hardening.ts";
 import { parseNodeTree, type PgValue } from "./node-tree.ts";
@@ -804,7 +804,9 @@ async function checkSecurityDefinerSearchPath(ctx: AuditContext): Promise<void> 
  * security-definer-bypass: a SECURITY DEFINER function runs with its
  * owner's row-level security, whatever search_path it has; if the owner is
  * exempt from RLS on a tenant table, the function reads and writes every
- * tenant's rows for whoever calls it. Setup's own functions (the multigres
+ * tenant's rows for whoever calls it. "Can call" counts EXECUTE held
+ * directly, through PUBLIC, or through any role the app role is a member
+ * of (it can SET ROLE to one whatever INHERIT says). Setup's own functions (the multigres
  * schema, public.current_tenant_id()) are SECURITY DEFINER by design, and
  * extensions' members are the extension's business.
  */
@@ -823,7 +825,7 @@ async function checkSecurityDefinerBypass(ctx: AuditContext): Promise<void> {
        AND p.oid IS DISTINCT FROM to_regprocedure('public.current_tenant_id()')::oid
        AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
                        WHERE d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
-       AND coalesce(has_function_privilege($2::oid, p.oid, 'EXECUTE'), true)
+       AND ($2::oid IS NULL OR cardinality(${granteesSql("p.proacl", "f", "p.proowner", ["EXECUTE"], "$2")}) > 0)
        AND NOT coalesce(pg_has_role($2::oid, p.proowner, 'MEMBER'), false)
      ORDER BY 1`,
     [ctx.tenantColumns, ctx.appOid],

@@ -672,6 +672,7 @@ describe("SECURITY DEFINER functions", () => {
         const bypasser = c.role("bypasser");
         const tableOwner = c.role("table_owner");
         const forcedOwner = c.role("forced_owner");
+        const readers = c.role("readers");
         return `
         CREATE ROLE "${definer}" NOLOGIN;
         CREATE FUNCTION public.lookup(id int) RETURNS text LANGUAGE sql SECURITY DEFINER AS 'SELECT id::text';
@@ -710,7 +711,12 @@ describe("SECURITY DEFINER functions", () => {
           SET search_path = pg_catalog, pg_temp AS 'SELECT * FROM public.docs';
         CREATE FUNCTION public.all_docs_revoked() RETURNS SETOF public.docs LANGUAGE sql SECURITY DEFINER
           SET search_path = pg_catalog, pg_temp AS 'SELECT * FROM public.docs';
-        REVOKE EXECUTE ON FUNCTION public.all_docs_revoked() FROM PUBLIC;`;
+        REVOKE EXECUTE ON FUNCTION public.all_docs_revoked() FROM PUBLIC;
+        CREATE ROLE "${readers}" NOLOGIN; GRANT "${readers}" TO "${c.app}";
+        CREATE FUNCTION public.all_docs_members() RETURNS SETOF public.docs LANGUAGE sql SECURITY DEFINER
+          SET search_path = pg_catalog, pg_temp AS 'SELECT * FROM public.docs';
+        REVOKE EXECUTE ON FUNCTION public.all_docs_members() FROM PUBLIC;
+        GRANT EXECUTE ON FUNCTION public.all_docs_members() TO "${readers}";`;
       },
     });
   });
@@ -736,6 +742,9 @@ describe("SECURITY DEFINER functions", () => {
     expect(f.message).toContain("is a superuser");
     expect(f.fix).toContain("REVOKE EXECUTE ON FUNCTION public.all_docs() FROM PUBLIC");
     expectNoFinding(a, "security-definer-search-path", "function public.all_docs()");
+  });
+  test("security-definer-bypass: executable only through a role the app role is a member of → error", () => {
+    expectFinding(a, "security-definer-bypass", "function public.all_docs_members()", "error");
   });
   test("security-definer-bypass: owned by a BYPASSRLS role, or by the owner of a tenant table that does not FORCE RLS → error", () => {
     expect(expectFinding(a, "security-definer-bypass", "function public.bypassing()", "error").message).toContain("has BYPASSRLS");
