@@ -28,7 +28,8 @@
  *   rls-not-forced                 RLS on without FORCE: the owner bypasses it (warning)
  *   rls-no-policy                  RLS on with no policy: nobody sees rows (warning)
  *   policy-unproven                a permissive policy doctor cannot prove confines rows to
- *                                  the tenant (policy-prover.ts lists the proven shapes)
+ *                                  the tenant (policy-prover.ts lists the proven shapes), or
+ *                                  any policy whose USING may leak the rows it runs on
  *   policy-no-tenant-check         … one that does not call current_tenant_id() at all
  *   policy-null-arm                … one with a `current_tenant_id() IS NULL OR …` arm: no
  *                                  context = all rows (warning on a restrictive policy)
@@ -79,14 +80,17 @@ import { APP_SCHEMA_SQL, HARDENING_IDS, TENANT_TABLES_SQL, type HardeningId } fr
 import { parseNodeTree, type PgValue } from "./node-tree.ts";
 import {
   diagnose,
-  provenTenantColumn,
+  judgeClause,
   unprovenPolicies,
   type Clause,
+  type ClauseJudgement,
   type Command,
   type Diagnosis,
   type JudgedPolicy,
+  type Leak,
   type PolCmd,
   type ProverCatalog,
+  type Shortfalls,
 } from "./policy-prover.ts";
 
 export type { Finding, Severity } from "./doctor-findings.ts";
@@ -177,7 +181,7 @@ export async function runDoctor(opts: DoctorOptions): Promise<DoctorReport> {
 
       const appRole = await checkAppRole(ctx);
       await checkSetup(ctx, info!, opts.tenantSetting ?? DEFAULT_TENANT_SETTING, opts.secret, appRole?.superuser ?? false);
-      const tables = await checkTenantTables(ctx, await proverCatalog(ctx, info!));
+      const tables = await checkTenantTables(ctx, await proverCatalog(ctx, info!, appRole?.superuser ?? false));
       tenantTableCount = tables.size;
       await checkViews(ctx);
       await checkSecurityDefinerSearchPath(ctx);
@@ -396,18 +400,28 @@ async function checkSetup(ctx: AuditContext, info: SetupInfo, tenantSetting: str
 
 // ---- tenant tables and their policies -------------------------------------------
 
-async function proverCatalog(ctx: AuditContext, info: SetupInfo): Promise<Catalog> {
+/**
+ * What the prover needs of the catalog. A superuser app role could replace
+ * any function, but nothing binds it anyway (app-role-superuser), so it
+ * makes no function replaceable here.
+ */
+async function proverCatalog(ctx: AuditContext, info: SetupInfo, appIsSuperuser: boolean): Promise<Catalog> {
   const [c] = await ctx.tx`
     SELECT ARRAY(SELECT oid::int FROM pg_catalog.pg_operator
                  WHERE oprname = '=' AND oprnamespace = 'pg_catalog'::regnamespace) AS eq,
            ARRAY(SELECT oid::int FROM pg_catalog.pg_collation WHERE NOT collisdeterministic) AS nondeterministic,
            ARRAY(SELECT oid::int FROM pg_catalog.pg_proc
-                 WHERE proname = 'current_setting' AND pronamespace = 'pg_catalog'::regnamespace) AS setting`;
+                 WHERE proname = 'current_setting' AND pronamespace = 'pg_catalog'::regnamespace) AS setting,
+           ARRAY(SELECT oid::int FROM pg_catalog.pg_proc WHERE proleakproof) AS leakproof,
+           ARRAY(SELECT oid::int FROM pg_catalog.pg_proc
+                 WHERE NOT ${appIsSuperuser} AND pg_has_role(${ctx.appOid}::oid, proowner, 'MEMBER')) AS replaceable`;
   return {
     tenantFunctions: new Set([info.mfn, info.pfn].filter((x): x is number => typeof x === "number")),
     equalityOperators: new Set(c!.eq as number[]),
     nondeterministicCollations: new Set(c!.nondeterministic as number[]),
     settingFunctions: new Set(c!.setting as number[]),
+    leakproofFunctions: new Set(c!.leakproof as number[]),
+    replaceableFunctions: new Set(c!.replaceable as number[]),
   };
 }
 
@@ -451,10 +465,23 @@ interface Policy {
   applies: boolean;
 }
 
-/** A policy with its trees parsed (undefined: no such clause, or text the reader could not parse). */
+/** A policy with its trees parsed (undefined: no such clause, or text the reader could not parse) and judged. */
 interface ParsedPolicy extends Policy {
   q?: PgValue;
   w?: PgValue;
+  /** undefined: no such clause. */
+  using?: ClauseJudgement;
+  check?: ClauseJudgement;
+}
+
+/** A clause doctor could not read proves nothing and may do anything. */
+const UNREADABLE: ClauseJudgement = { leaks: [{ node: "UNREADABLE" }] };
+
+function parsePolicy(p: Policy, cat: Catalog): ParsedPolicy {
+  const q = tryParse(p.qual);
+  const w = tryParse(p.withcheck);
+  const judge = (text: string | null, tree: PgValue | undefined) => (text === null ? undefined : tree === undefined ? UNREADABLE : judgeClause(tree, cat));
+  return { ...p, q, w, using: judge(p.qual, q), check: judge(p.withcheck, w) };
 }
 
 /**
@@ -491,16 +518,17 @@ async function checkTenantTables(ctx: AuditContext, cat: Catalog): Promise<Map<n
     [ctx.appOid],
   )) as unknown as Policy[];
   const byTable = new Map<number, ParsedPolicy[]>();
-  for (const p of policies) byTable.set(p.relid, [...(byTable.get(p.relid) ?? []), { ...p, q: tryParse(p.qual), w: tryParse(p.withcheck) }]);
+  for (const p of policies) byTable.set(p.relid, [...(byTable.get(p.relid) ?? []), parsePolicy(p, cat)]);
+  const names = await functionNames(ctx, [...byTable.values()].flat());
 
   const out = new Map<number, Judged>();
   for (const t of tables) {
     const pols = byTable.get(t.oid) ?? [];
-    const proven = pols.flatMap((p) => [provenTenantColumn(p.q, cat), provenTenantColumn(p.w, cat)]).filter((a): a is number => a !== undefined);
+    const proven = pols.flatMap((p) => [p.using?.column, p.check?.column]).filter((a): a is number => a !== undefined);
     const attnums = new Set([...t.columns.map((c) => t.attnames.indexOf(c) + 1), ...proven]);
     const lead = t.columns[0] ?? (proven[0] !== undefined ? t.attnames[proven[0] - 1] : undefined) ?? ctx.tenantColumns[0]!;
     const judged = { ...t, attnums, lead };
-    checkTable(ctx, judged, pols, cat);
+    checkTable(ctx, judged, pols, cat, names);
     out.set(t.oid, judged);
   }
   return out;
@@ -513,7 +541,7 @@ function enableFix(t: TenantTable): string {
   return `SELECT multigres.enable_tenant_rls(${quoteLiteral(t.name)}${arg});`;
 }
 
-function checkTable(ctx: AuditContext, t: Judged, pols: ParsedPolicy[], cat: Catalog): void {
+function checkTable(ctx: AuditContext, t: Judged, pols: ParsedPolicy[], cat: Catalog, names: Map<number, string>): void {
   const { app, appQ, add } = ctx;
   const table = t.name;
   if (t.app_owns === true) {
@@ -564,8 +592,32 @@ function checkTable(ctx: AuditContext, t: Judged, pols: ParsedPolicy[], cat: Cat
     });
     return;
   }
-  checkPolicies(ctx, t, pols.filter((p) => p.applies), cat);
+  checkPolicies(ctx, t, pols.filter((p) => p.applies), cat, names);
 }
+
+/** The names of the functions the policies' leaks name, for messages. */
+async function functionNames(ctx: AuditContext, pols: ParsedPolicy[]): Promise<Map<number, string>> {
+  const oids = pols.flatMap((p) => [...(p.using?.leaks ?? []), ...(p.check?.leaks ?? [])]).flatMap((l) => ("function" in l ? [l.function] : []));
+  if (oids.length === 0) return new Map();
+  const rows = await ctx.tx`SELECT oid::int AS oid, oid::regprocedure::text AS name FROM pg_catalog.pg_proc WHERE oid = ANY (${[...new Set(oids)]}::oid[])`;
+  return new Map(rows.map((r) => [r.oid as number, r.name as string]));
+}
+
+/** Computing nodes a leak may name, in words. */
+const NODE_WORDS: Record<string, string> = {
+  UNREADABLE: "an expression doctor could not read",
+  COERCEVIAIO: "an I/O cast",
+  ARRAYCOERCEEXPR: "an array cast",
+  COERCETODOMAIN: "a domain check",
+  MINMAXEXPR: "GREATEST/LEAST",
+  ROWCOMPAREEXPR: "a row comparison",
+  AGGREF: "an aggregate",
+};
+
+const describeLeaks = (leaks: readonly Leak[], names: Map<number, string>): string => {
+  const words = leaks.map((l) => ("function" in l ? (names.get(l.function) ?? `function ${l.function}`) : (NODE_WORDS[l.node] ?? l.node.toLowerCase())));
+  return [...new Set(words)].join(", ");
+};
 
 /** The rules an unproven permissive clause breaks, the most specific diagnosis first. */
 function permissiveRules(d: Diagnosis): string[] {
@@ -576,7 +628,7 @@ function permissiveRules(d: Diagnosis): string[] {
   return rules;
 }
 
-/** Where a clause falls short: "USING (for SELECT, DELETE)". */
+/** Where a clause falls short: "USING for SELECT, DELETE". */
 interface Shortfall {
   clause: Clause;
   commands: Command[];
@@ -587,45 +639,68 @@ interface Shortfall {
 const describeShortfalls = (s: readonly Shortfall[]) =>
   s.map((x) => `${x.usingAsCheck ? "USING (as its WITH CHECK)" : x.clause} for ${x.commands.join(", ")}`).join(" and ");
 
+function shortfalls(p: ParsedPolicy, of: Shortfalls): Shortfall[] {
+  return [...of].map(([clause, commands]) => ({ clause, commands, usingAsCheck: clause === "WITH CHECK" && p.withcheck === null }));
+}
+
+/** The tree and judgement of a clause as it applies (USING standing in for a missing WITH CHECK). */
+const clauseOf = (p: ParsedPolicy, s: Shortfall) => (s.clause === "USING" || s.usingAsCheck ? { tree: p.q, j: p.using } : { tree: p.w, j: p.check });
+
 /**
  * policy-*: judge the policies that apply to the app role as PostgreSQL
  * combines them (policy-prover.ts), and report every permissive one that
- * nothing bounds, by its most specific diagnosis.
+ * nothing bounds, by its most specific diagnosis, and every one that leaks
+ * (policy-unproven).
  */
-function checkPolicies(ctx: AuditContext, t: Judged, pols: ParsedPolicy[], cat: Catalog): void {
+function checkPolicies(ctx: AuditContext, t: Judged, pols: ParsedPolicy[], cat: Catalog, names: Map<number, string>): void {
   const judged: JudgedPolicy<ParsedPolicy>[] = pols.map((p) => ({
     policy: p,
     cmd: p.cmd,
     permissive: p.permissive,
-    using: p.qual === null ? undefined : provenTenantColumn(p.q, cat) !== undefined,
-    withCheck: p.withcheck === null ? undefined : provenTenantColumn(p.w, cat) !== undefined,
+    using: p.using,
+    withCheck: p.check,
   }));
-  for (const { policy: p, clauses } of unprovenPolicies(judged)) {
+  for (const u of unprovenPolicies(judged)) {
+    const p = u.policy;
     const byRule = new Map<string, Shortfall[]>();
-    for (const [clause, commands] of clauses) {
-      const usingAsCheck = clause === "WITH CHECK" && p.withcheck === null;
-      const tree = clause === "USING" || usingAsCheck ? p.q : p.w;
+    for (const s of shortfalls(p, u.unbounded)) {
+      const { tree } = clauseOf(p, s);
       const rules = tree === undefined ? ["policy-unproven"] : permissiveRules(diagnose(tree, cat, cat.settingFunctions, true));
-      for (const rule of rules) byRule.set(rule, [...(byRule.get(rule) ?? []), { clause, commands, usingAsCheck }]);
+      for (const rule of rules) byRule.set(rule, [...(byRule.get(rule) ?? []), s]);
     }
-    for (const [rule, shortfalls] of byRule) ctx.add(policyFinding(t, p, rule, "error", shortfalls));
+    const leaky = shortfalls(p, u.leaky);
+    if (leaky.length > 0 && !byRule.has("policy-unproven")) byRule.set("policy-unproven", []);
+    for (const [rule, unbounded] of byRule) {
+      const leak =
+        rule === "policy-unproven" && leaky.length > 0
+          ? { where: describeShortfalls(leaky), what: describeLeaks(leaky.flatMap((s) => clauseOf(p, s).j?.leaks ?? []), names) }
+          : undefined;
+      ctx.add(policyFinding(ctx, t, p, rule, "error", unbounded, leak));
+    }
   }
-  // A restrictive policy only narrows what permissive ones admit, so its
-  // flaws are not leaks; still, one that trusts a NULL or forgeable tenant
-  // is not the bound it looks like.
+  // A restrictive policy only narrows what permissive ones admit; still,
+  // one that trusts a NULL or forgeable tenant is not the bound it looks like.
   for (const p of pols.filter((p) => !p.permissive)) {
     const trees = [p.q, p.w].filter((x): x is PgValue => x !== undefined);
     const ds = trees.map((tree) => diagnose(tree, cat, cat.settingFunctions, false));
-    if (ds.some((d) => d.readsSetting)) ctx.add(policyFinding(t, p, "policy-current-setting", "warning", []));
-    if (ds.some((d) => d.nullArm)) ctx.add(policyFinding(t, p, "policy-null-arm", "warning", []));
+    if (ds.some((d) => d.readsSetting)) ctx.add(policyFinding(ctx, t, p, "policy-current-setting", "warning", []));
+    if (ds.some((d) => d.nullArm)) ctx.add(policyFinding(ctx, t, p, "policy-null-arm", "warning", []));
   }
 }
 
-function policyFinding(t: Judged, p: ParsedPolicy, rule: string, severity: Severity, shortfalls: Shortfall[]): Finding {
+function policyFinding(
+  ctx: AuditContext,
+  t: Judged,
+  p: ParsedPolicy,
+  rule: string,
+  severity: Severity,
+  unbounded: Shortfall[],
+  leak?: { where: string; what: string },
+): Finding {
   const object = `policy ${quoteIdent(p.name)} on ${t.name}`;
   const drop = `DROP POLICY ${quoteIdent(p.name)} ON ${t.name}; ${enableFix(t)}`;
   const shown = [p.qual_sql && `USING (${p.qual_sql})`, p.check_sql && `WITH CHECK (${p.check_sql})`].filter(Boolean).join(" ") || "no expression";
-  const where = describeShortfalls(shortfalls);
+  const where = describeShortfalls(unbounded);
   const col = quoteIdent(t.lead);
   switch (rule) {
     case "policy-current-setting":
@@ -652,20 +727,32 @@ function policyFinding(t: Judged, p: ParsedPolicy, rule: string, severity: Sever
         message: `${object} is permissive and its ${where} does not call current_tenant_id() (${shown}): permissive policies are OR-ed, so it lets tenants reach rows regardless of the tenant`,
         fix: `make it AS RESTRICTIVE, or compare the tenant column with (SELECT current_tenant_id()): ${drop}`,
       };
-    default:
-      return {
-        rule,
-        severity,
-        object,
-        message:
-          `doctor cannot prove that ${object} confines its ${where} to the session's tenant (${shown}): permissive policies are OR-ed, ` +
-          `and a session can make current_tenant_id() NULL at will; the proven shapes are <column> = current_tenant_id(), ` +
-          `<column> = (SELECT current_tenant_id()), and an AND with one of those`,
-        fix:
-          `rewrite it as ${col} = (SELECT current_tenant_id()) [AND …], or bound the table with a restrictive policy: ` +
-          `CREATE POLICY tenant_bound ON ${t.name} AS RESTRICTIVE USING (${col} = (SELECT current_tenant_id())) WITH CHECK (${col} = (SELECT current_tenant_id()));`,
-      };
   }
+  const why: string[] = [];
+  const fixes: string[] = [];
+  if (unbounded.length > 0) {
+    why.push(`its ${where} may admit other tenants' rows: permissive policies are OR-ed, and a session can make current_tenant_id() NULL at will`);
+    fixes.push(
+      `rewrite it as ${col} = (SELECT current_tenant_id()) [AND …], or bound the table with a restrictive policy: ` +
+        `CREATE POLICY tenant_bound ON ${t.name} AS RESTRICTIVE USING (${col} = (SELECT current_tenant_id())) WITH CHECK (${col} = (SELECT current_tenant_id()));`,
+    );
+  }
+  if (leak) {
+    why.push(
+      `its ${leak.where} passes the rows it is evaluated on, other tenants' included, to ${leak.what}: PostgreSQL orders a policy's conditions by cost, ` +
+        `not as written, and code that is not LEAKPROOF (or that ${ctx.app} can replace) can reveal those rows in an error or a notice`,
+    );
+    fixes.push(`keep row values away from such code in the policy (filter in the query instead), and give functions ${ctx.app} owns another owner`);
+  }
+  return {
+    rule,
+    severity,
+    object,
+    message:
+      `doctor cannot prove that ${object} keeps each session to its tenant's rows (${shown}): ${why.join("; and ")}. ` +
+      `Proven shapes: <column> = current_tenant_id(), <column> = (SELECT current_tenant_id()), and an AND of one of those with leak-free conditions`,
+    fix: fixes.join("; "),
+  };
 }
 
 // ---- views over RLS tables ------------------------------------------------------

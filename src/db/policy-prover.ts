@@ -3,7 +3,7 @@
  * polwithcheck, read by node-tree.ts), that row-level security confines a
  * session to its tenant's rows, or says that it cannot. Pure: the catalog
  * facts it needs (which oids are current_tenant_id(), which operators are
- * pg_catalog's `=`) come in as sets.
+ * pg_catalog's `=`, which functions are LEAKPROOF …) come in as sets.
  *
  * A clause is proven only in these shapes; everything else is unproven,
  * however harmless it may look:
@@ -11,7 +11,7 @@
  *   <col> = current_tenant_id()            (either operand order)
  *   <col> = (SELECT current_tenant_id())   (an EXPR sub-select of exactly that:
  *                                           no FROM, WHERE, GROUP, LIMIT, …)
- *   <proven> AND <anything>                (the other conjuncts only narrow)
+ *   <proven> AND <leak-free>               (the other conjuncts only narrow)
  *
  * where <col> is a column of the policy's own table (a Var of range table
  * entry 1, varlevelsup 0, attnum > 0), optionally under a binary relabel or
@@ -29,11 +29,23 @@
  * prefix; a function of one's own can return anything. Proving a few shapes
  * exactly is worth more than guessing at many.
  *
+ * Leak-free: PostgreSQL orders the conditions of a policy by cost, not as
+ * written, so the other conjuncts of an AND (and every restrictive policy,
+ * and every other permissive one) also run on other tenants' rows. There
+ * they must not pass the row's values to anything that could reveal them:
+ * a function that is not LEAKPROOF (`body::int > 0` fails with "invalid
+ * input syntax for type integer: <another tenant's value>"), or any
+ * function the app role could replace (it owns it, or a role it is a
+ * member of does: `RAISE NOTICE` every row). Routing a value (AND, CASE,
+ * IS NULL, a LEAKPROOF comparison) reveals nothing.
+ *
  * Policies combine as PostgreSQL combines them: for a command, a row passes
  * when (the OR of the applicable permissive policies) AND (every applicable
  * restrictive policy). So a table is isolated for a command when every
- * applicable permissive clause is proven, or some applicable restrictive
- * clause is proven; with no permissive clause, no row passes at all.
+ * applicable permissive clause confines rows to the tenant (has a tenant
+ * comparison), or some applicable restrictive clause does, and no
+ * applicable USING leaks; with no permissive clause, no row passes and
+ * nothing is evaluated.
  */
 import { calledFunctions, hasNullArm, isNode, type PgNode, type PgValue } from "./node-tree.ts";
 
@@ -45,6 +57,10 @@ export interface ProverCatalog {
   equalityOperators: ReadonlySet<number>;
   /** Oids of nondeterministic collations (under which `=` is not equality of strings). */
   nondeterministicCollations: ReadonlySet<number>;
+  /** Oids of LEAKPROOF functions (pg_proc.proleakproof): they reveal nothing of their arguments but their result. */
+  leakproofFunctions: ReadonlySet<number>;
+  /** Oids of functions the app role can replace: it owns them, or a role it is a member of does. */
+  replaceableFunctions: ReadonlySet<number>;
 }
 
 const first = (n: PgNode, field: string): PgValue | undefined => n.fields[field]?.[0];
@@ -126,21 +142,104 @@ function tenantEquality(n: PgNode, cat: ProverCatalog): number | undefined {
   return undefined;
 }
 
-/**
- * The column a clause provably confines to the session's tenant (its
- * attnum), or undefined when the clause is not one of the proven shapes.
- */
-export function provenTenantColumn(v: PgValue | undefined, cat: ProverCatalog): number | undefined {
-  if (!isNode(v)) return undefined;
-  if (v.type === "BOOLEXPR" && first(v, "boolop") === "and") {
-    for (const arg of list(v, "args")) {
-      const col = provenTenantColumn(arg, cat);
-      if (col !== undefined) return col;
-    }
-    return undefined;
+// ---- leaks ------------------------------------------------------------------
+
+/** What may reveal the rows a clause runs on: a function (by oid), or a node that computes on them (an I/O cast …). */
+export type Leak = { function: number } | { node: string };
+
+/** Node types that pass values on, or test them, without computing on them. */
+const ROUTING = new Set([
+  "VAR", "CONST", "PARAM", "BOOLEXPR", "NULLTEST", "BOOLEANTEST", "RELABELTYPE",
+  "CASEEXPR", "CASEWHEN", "CASETESTEXPR", "COALESCEEXPR", "ARRAYEXPR", "ROWEXPR", "SQLVALUEFUNCTION",
+]);
+/** Node types that only hold a sub-select's structure; the expressions in them are judged on their own. */
+const STRUCTURE = new Set([
+  "SUBLINK", "QUERY", "FROMEXPR", "JOINEXPR", "RANGETBLREF", "RANGETBLENTRY", "RANGETBLFUNCTION",
+  "TARGETENTRY", "ALIAS", "SORTGROUPCLAUSE", "RTEPERMISSIONINFO",
+]);
+/** Node types that call a function by oid, and the field holding it. */
+const CALLS: Record<string, string> = {
+  FUNCEXPR: "funcid",
+  OPEXPR: "opfuncid",
+  DISTINCTEXPR: "opfuncid",
+  NULLIFEXPR: "opfuncid",
+  SCALARARRAYOPEXPR: "opfuncid",
+};
+
+/** Every node with its sub-select depth (how many Query nodes lie above it). */
+function* withDepth(v: PgValue, depth: number): Generator<[PgNode, number]> {
+  if (Array.isArray(v)) {
+    for (const x of v) yield* withDepth(x, depth);
+  } else if (isNode(v)) {
+    yield [v, depth];
+    const inner = v.type === "QUERY" ? depth + 1 : depth;
+    for (const vals of Object.values(v.fields)) for (const x of vals) yield* withDepth(x, inner);
   }
-  return tenantEquality(v, cat);
 }
+
+/** Whether `v`, at sub-select depth `depth`, reads the row the policy judges (a Var that many levels up). */
+function readsRow(v: PgValue, depth: number): boolean {
+  for (const [n, d] of withDepth(v, depth)) {
+    if (n.type === "VAR" && num(n, "varlevelsup") === d) return true;
+  }
+  return false;
+}
+
+/** What in `v` may reveal the rows it runs on (none: it is leak-free). */
+export function leaks(v: PgValue, cat: ProverCatalog): Leak[] {
+  const out: Leak[] = [];
+  for (const [n, d] of withDepth(v, 0)) {
+    const field = CALLS[n.type];
+    if (field !== undefined) {
+      const fn = num(n, field);
+      const onRow = readsRow(n.fields.args ?? [], d);
+      if (cat.replaceableFunctions.has(fn) || (onRow && !cat.leakproofFunctions.has(fn))) out.push({ function: fn });
+    } else if (!ROUTING.has(n.type) && !STRUCTURE.has(n.type) && readsRow(n, d)) {
+      out.push({ node: n.type });
+    }
+  }
+  return out;
+}
+
+// ---- clauses ----------------------------------------------------------------
+
+export interface ClauseJudgement {
+  /** The attnum of the column a tenant comparison confines (the clause's tenant column), if it has one. */
+  column?: number;
+  /** What in the clause, beyond the tenant comparison, may reveal the rows it runs on. */
+  leaks: Leak[];
+}
+
+/** The conjuncts of nested ANDs, flattened. */
+function conjuncts(v: PgValue): PgValue[] {
+  return isNode(v) && v.type === "BOOLEXPR" && first(v, "boolop") === "and" ? list(v, "args").flatMap(conjuncts) : [v];
+}
+
+/**
+ * Judge one clause: its tenant comparison (a conjunct of the proven shapes,
+ * whose column may be cast) and the leaks of everything else.
+ */
+export function judgeClause(v: PgValue, cat: ProverCatalog): ClauseJudgement {
+  let column: number | undefined;
+  const rest: PgValue[] = [];
+  for (const part of conjuncts(v)) {
+    const col = isNode(part) ? tenantEquality(part, cat) : undefined;
+    if (col !== undefined) column ??= col;
+    else rest.push(part);
+  }
+  const found = rest.flatMap((part) => leaks(part, cat));
+  return column === undefined ? { leaks: found } : { column, leaks: found };
+}
+
+/** The clause confines the rows it admits to the session's tenant: it has a tenant comparison conjunct. */
+export const confines = (j: ClauseJudgement): boolean => j.column !== undefined;
+
+/**
+ * The clause may reveal other tenants' rows. Only USING runs on them:
+ * WITH CHECK sees the rows the session itself writes, so a leak there
+ * reveals nothing the session did not have.
+ */
+export const leaksRows = (j: ClauseJudgement, clause: Clause): boolean => clause === "USING" && j.leaks.length > 0;
 
 /** Why a clause is not proven, most specific first (several may hold). */
 export interface Diagnosis {
@@ -182,44 +281,54 @@ export interface JudgedPolicy<P> {
   cmd: PolCmd;
   permissive: boolean;
   /** undefined: the policy has no such clause. */
-  using?: boolean;
-  withCheck?: boolean;
+  using?: ClauseJudgement;
+  withCheck?: ClauseJudgement;
 }
 
 /**
- * The clause a policy contributes to a command's check, proven or not
- * (undefined when it has none). Without WITH CHECK, an ALL or UPDATE policy
- * checks new rows with its USING, as PostgreSQL does.
+ * The clause a policy contributes to a command's check (undefined when it
+ * has none). Without WITH CHECK, an ALL or UPDATE policy checks new rows
+ * with its USING, as PostgreSQL does.
  */
-function clauseVerdict(p: JudgedPolicy<unknown>, clause: Clause): boolean | undefined {
+function clauseOf(p: JudgedPolicy<unknown>, clause: Clause): ClauseJudgement | undefined {
   return clause === "USING" ? p.using : (p.withCheck ?? p.using);
 }
 
+/** Per clause, the commands for which something is wrong with it. */
+export type Shortfalls = Map<Clause, Command[]>;
+
 export interface Unproven<P> {
   policy: P;
-  /** Per clause, the commands for which nothing else makes up for it. */
-  clauses: Map<Clause, Command[]>;
+  /** A permissive clause that does not confine rows to the tenant, and that no confining restrictive clause bounds: it may admit other tenants' rows. */
+  unbounded: Shortfalls;
+  /** A USING clause (permissive or restrictive) that may reveal the rows it runs on, other tenants' included. */
+  leaky: Shortfalls;
 }
 
+const note = (m: Shortfalls, clause: Clause, command: Command) => m.set(clause, [...(m.get(clause) ?? []), command]);
+
 /**
- * The permissive policies whose unproven clauses decide what rows pass, per
- * command: an unproven permissive clause is harmless only where a proven
- * restrictive clause of the same command bounds every row.
+ * The policies that keep a table from being isolated, per command and
+ * clause: permissive clauses without a tenant comparison that no
+ * restrictive one bounds, and USING clauses that leak. Where no permissive clause applies, no row
+ * passes and PostgreSQL evaluates nothing.
  */
 export function unprovenPolicies<P>(policies: readonly JudgedPolicy<P>[]): Unproven<P>[] {
-  const out = new Map<JudgedPolicy<P>, Map<Clause, Command[]>>();
+  const out = new Map<JudgedPolicy<P>, Unproven<P>>();
+  const entry = (p: JudgedPolicy<P>) => out.get(p) ?? out.set(p, { policy: p.policy, unbounded: new Map(), leaky: new Map() }).get(p)!;
   for (const clause of ["USING", "WITH CHECK"] as const) {
     for (const { command, polcmd } of COMMANDS.filter((c) => c.clauses.includes(clause))) {
-      const applicable = policies.filter((p) => p.cmd === polcmd || p.cmd === "*");
-      const bounded = applicable.some((p) => !p.permissive && clauseVerdict(p, clause) === true);
-      if (bounded) continue;
-      for (const p of applicable) {
-        if (!p.permissive || clauseVerdict(p, clause) !== false) continue;
-        const mine = out.get(p) ?? new Map<Clause, Command[]>();
-        mine.set(clause, [...(mine.get(clause) ?? []), command]);
-        out.set(p, mine);
+      const applicable = policies.flatMap((p) => {
+        const j = (p.cmd === polcmd || p.cmd === "*") && clauseOf(p, clause);
+        return j ? [{ p, j }] : [];
+      });
+      if (!applicable.some(({ p }) => p.permissive)) continue;
+      const bounded = applicable.some(({ p, j }) => !p.permissive && confines(j));
+      for (const { p, j } of applicable) {
+        if (leaksRows(j, clause)) note(entry(p).leaky, clause, command);
+        if (p.permissive && !confines(j) && !bounded) note(entry(p).unbounded, clause, command);
       }
     }
   }
-  return [...out].map(([p, clauses]) => ({ policy: p.policy, clauses }));
+  return [...out.values()];
 }

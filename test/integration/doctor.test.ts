@@ -439,7 +439,7 @@ describe("policies", () => {
     expectNoFinding(a, "policy-null-arm", 'policy "shared_or_own" on public.shared');
     const f = expectFinding(a, "policy-unproven", 'policy "shared_or_own" on public.shared', "error");
     // Its WITH CHECK (IS NOT NULL AND the tenant) is proven: only USING is named.
-    expect(f.message).toContain("its USING for SELECT, UPDATE, DELETE to the session's tenant");
+    expect(f.message).toContain("its USING for SELECT, UPDATE, DELETE may admit other tenants' rows");
     expect(f.message).not.toContain("WITH CHECK for");
     expectNoFindingOn(a, "table public.shared");
   });
@@ -497,7 +497,17 @@ describe("the policy prover", () => {
         ${isolated(c, "bounded")} CREATE POLICY open ON public.bounded USING (true);
           CREATE POLICY tenant_bound ON public.bounded AS RESTRICTIVE USING (tenant_id = (SELECT current_tenant_id()));
         ${isolated(c, "half_bounded")} CREATE POLICY open ON public.half_bounded USING (true);
-          CREATE POLICY tenant_bound ON public.half_bounded AS RESTRICTIVE FOR SELECT USING (tenant_id = (SELECT current_tenant_id()));`,
+          CREATE POLICY tenant_bound ON public.half_bounded AS RESTRICTIVE FOR SELECT USING (tenant_id = (SELECT current_tenant_id()));
+
+        -- leaks: PostgreSQL runs a policy's conditions in cost order, on every tenant's rows
+        CREATE FUNCTION public.visible(body text) RETURNS boolean LANGUAGE sql STABLE AS 'SELECT true';
+        ALTER FUNCTION public.visible(text) OWNER TO "${c.app}";  -- the tenant can make it RAISE NOTICE every row
+        ${only(c, "cast_leak", "tenant_id = current_tenant_id() AND body::int > 0")}
+        ${only(c, "own_function", "tenant_id = (SELECT current_tenant_id()) AND public.visible(body)")}
+        ${isolated(c, "leaky_bound")} CREATE POLICY shown ON public.leaky_bound AS RESTRICTIVE USING (public.visible(body));
+        ${isolated(c, "leaky_open")} CREATE POLICY open ON public.leaky_open USING (public.visible(body));
+          CREATE POLICY tenant_bound ON public.leaky_open AS RESTRICTIVE USING (tenant_id = (SELECT current_tenant_id()));
+        ${only(c, "leakproof_and", "tenant_id = current_tenant_id() AND body = 'x' AND body IS NOT NULL")}`,
     });
   });
 
@@ -527,6 +537,23 @@ describe("the policy prover", () => {
   test("policy-unproven clean: a proven restrictive policy bounds USING (true)", () => {
     expectNoFindingOn(a, 'policy "open" on public.bounded');
     expectNoFindingOn(a, 'policy "tenant_bound" on public.bounded');
+  });
+  test("policy-unproven: an AND whose other condition casts the row (the error shows another tenant's value) → error", () => {
+    const f = expectFinding(a, "policy-unproven", 'policy "p" on public.cast_leak', "error");
+    expect(f.message).toContain("an I/O cast");
+    expect(f.message).toContain("LEAKPROOF");
+  });
+  test("policy-unproven: an AND with a function the app role owns (it can replace it) → error, naming it", () => {
+    expect(expectFinding(a, "policy-unproven", 'policy "p" on public.own_function', "error").message).toContain("public.visible(text)");
+  });
+  test("policy-unproven: a leaky restrictive policy, and a leaky permissive one however bounded → error", () => {
+    expectFinding(a, "policy-unproven", 'policy "shown" on public.leaky_bound', "error");
+    const f = expectFinding(a, "policy-unproven", 'policy "open" on public.leaky_open', "error");
+    expect(f.message).not.toContain("may admit other tenants' rows"); // bounded: the leak is the problem
+    expectNoFindingOn(a, 'policy "tenant_bound" on public.leaky_open');
+  });
+  test("policy-unproven clean: an AND of LEAKPROOF conditions", () => {
+    expectNoFindingOn(a, 'policy "p" on public.leakproof_and');
   });
   test("policy-no-tenant-check: a restrictive bound for SELECT only leaves the other commands open", () => {
     const f = expectFinding(a, "policy-no-tenant-check", 'policy "open" on public.half_bounded', "error");
