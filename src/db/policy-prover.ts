@@ -15,7 +15,8 @@
  *
  * where <col> is a column of the policy's own table (a Var of range table
  * entry 1, varlevelsup 0, attnum > 0), optionally under a binary relabel or
- * an I/O cast (`u::text`); current_tenant_id() is public.current_tenant_id()
+ * an I/O cast to text (`u::text`: a cast that can fail, `org::int`, would
+ * show other tenants' values in its error); current_tenant_id() is public.current_tenant_id()
  * or multigres.current_tenant_id(), by oid, called with no arguments and
  * optionally cast (`current_tenant_id()::uuid`); `=` is an operator of
  * pg_catalog (a `=` of another schema runs whatever function its author
@@ -77,9 +78,17 @@ function uncast(v: PgValue | undefined): PgValue | undefined {
   return v;
 }
 
-/** The attnum of a plain column of the policy's own table, if `v` is one (casts allowed). */
+/**
+ * Types an I/O cast of the column may produce: their input functions take
+ * any text, so the cast cannot fail on another tenant's value and show it
+ * in the error (`org::int` would). text, varchar, name.
+ */
+const TEXT_TYPES = new Set([25, 1043, 19]);
+
+/** The attnum of a plain column of the policy's own table, if `v` is one (under relabels, or I/O casts to text). */
 function ownColumn(v: PgValue | undefined): number | undefined {
-  const n = uncast(v);
+  let n = v;
+  while (isNode(n) && (n.type === "RELABELTYPE" || (n.type === "COERCEVIAIO" && TEXT_TYPES.has(num(n, "resulttype"))))) n = first(n, "arg");
   if (!isNode(n) || n.type !== "VAR") return undefined;
   const attno = num(n, "varattno");
   return num(n, "varno") === 1 && num(n, "varlevelsup") === 0 && attno > 0 ? attno : undefined;

@@ -97,6 +97,7 @@ describe("judgeClause: everything else is unproven", () => {
     ["by_user", "current_user"],
     ["current_setting", "a forgeable setting"],
     ["not_equal", "<> is not ="],
+    ["column_cast_failing", "a column cast that can fail shows other tenants' values"],
     ["other_table_column", "another table's column"],
   ];
   for (const [name, why] of cases) {
