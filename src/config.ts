@@ -48,12 +48,23 @@ const settingName = v.pipe(
   v.regex(/^[A-Za-z_][A-Za-z0-9_$]*\.[A-Za-z_][A-Za-z0-9_$.]*$/, "must be a custom setting name like app.current_tenant_id"),
 );
 
+/** A column name as PostgreSQL keeps it: 1 to 63 bytes. */
+const columnName = v.pipe(
+  v.string(),
+  v.minLength(1, "a column name must not be empty"),
+  v.check((s) => Buffer.byteLength(s) <= 63, "a column name is at most 63 bytes"),
+);
+
+/** The columns that hold the tenant id (setup and doctor; the proxy does not use them). */
+export const TenantColumnsSchema = v.pipe(v.array(columnName, "must be a list of column names"), v.minLength(1, "must name at least one column"));
+
 export const ConfigSchema = v.object({
   listen: hostPort("listen"),
   upstream: hostPort("upstream"),
   separator: v.pipe(v.string(), v.minLength(1, "must not be empty")),
   tenantSetting: settingName,
   tenantPattern: pattern,
+  tenantColumns: TenantColumnsSchema,
   superusers: v.array(v.pipe(v.string(), v.minLength(1, "must not be empty"))),
   role: v.optional(v.pipe(v.string(), v.minLength(1, "must not be empty"))),
   databases: v.array(v.pipe(v.string(), v.minLength(1, "must not be empty"))),
@@ -117,6 +128,7 @@ export const OPTIONS: readonly Option[] = [
   { key: "separator", flag: "separator", file: "separator", env: "MULTIGRES_SEPARATOR", default: ".", description: "Separator between role and tenant in the user name; the tenant follows the last one" },
   { key: "tenantSetting", flag: "tenant-setting", file: "tenant_setting", env: "MULTIGRES_TENANT_SETTING", default: "app.current_tenant_id", description: "Setting that carries the tenant id in the session" },
   { key: "tenantPattern", flag: "tenant-pattern", file: "tenant_pattern", env: "MULTIGRES_TENANT_PATTERN", default: "[A-Za-z0-9_-]{1,63}", description: "Regular expression a tenant id must match in full" },
+  { key: "tenantColumns", file: "tenant_columns", env: "MULTIGRES_TENANT_COLUMNS", list: true, default: ["tenant_id"], description: "Columns that hold the tenant id, for `multigres setup` and `multigres doctor` (their --tenant-column; env: comma-separated)" },
   { key: "superusers", flag: "superuser", file: "superusers", env: "MULTIGRES_SUPERUSERS", list: true, default: ["postgres"], description: "User passed through with no tenant and no context (repeatable; env: comma-separated)" },
   { key: "role", flag: "role", file: "role", env: "MULTIGRES_ROLE", description: "Role to SET ROLE to after login (default: the role from the user name)" },
   { key: "databases", flag: "database", file: "databases", env: "MULTIGRES_DATABASES", list: true, default: [], description: "Databases tenants may connect to, each checked at startup (repeatable; env: comma-separated; default: any, checked per session)" },

@@ -7,13 +7,16 @@
  */
 import postgres from "postgres";
 import setupSql from "../../sql/setup.sql" with { type: "text" };
-import { readConfigFile } from "../config.ts";
+import * as v from "valibot";
+import { OPTIONS, readConfigFile, TenantColumnsSchema } from "../config.ts";
+import { HARDENING_IDS, type HardeningId } from "./hardening.ts";
 
 export type Sql = postgres.Sql<Record<string, unknown>>;
 /** What queries run on: the client or a transaction of it. */
 export type Tx = postgres.TransactionSql<Record<string, unknown>>;
 
 export const DEFAULT_TENANT_SETTING = "app.current_tenant_id";
+export const DEFAULT_TENANT_COLUMNS = OPTIONS.find((o) => o.key === "tenantColumns")!.default as string[];
 
 /** The schema version this binary's sql/setup.sql installs (its multigres.meta row). */
 export const SCHEMA_VERSION: number = (() => {
@@ -150,10 +153,47 @@ export function describeError(e: unknown): string {
 
 const SETTING_NAME = /^[A-Za-z_][A-Za-z0-9_$]*\.[A-Za-z_][A-Za-z0-9_$.]*$/;
 
+/**
+ * Every value of a repeatable flag, `--name a --name b,c` or `--name=a`,
+ * comma-separated lists split; undefined when the flag is absent. citty
+ * keeps only the last of a repeated flag (and reads `--no-x` as `--x
+ * false`), so these are read from the raw arguments.
+ */
+export function repeatedFlag(rawArgs: readonly string[], name: string): string[] | undefined {
+  const flag = `--${name}`;
+  let out: string[] | undefined;
+  for (let i = 0; i < rawArgs.length; i++) {
+    const arg = rawArgs[i]!;
+    if (arg === "--") break;
+    let value: string | undefined;
+    if (arg === flag) {
+      value = rawArgs[++i];
+      if (value === undefined || value.startsWith("--")) throw new UsageError(`${flag} needs a value`);
+    } else if (arg.startsWith(`${flag}=`)) {
+      value = arg.slice(flag.length + 1);
+    } else continue;
+    (out ??= []).push(...value.split(",").map((s) => s.trim()));
+  }
+  return out;
+}
+
+/** `--no-harden <item>` (repeatable, comma lists too): the hardening items kept as they are. */
+export function noHardenItems(rawArgs: readonly string[]): HardeningId[] {
+  const items = repeatedFlag(rawArgs, "no-harden") ?? [];
+  for (const id of items) {
+    if (!(HARDENING_IDS as string[]).includes(id)) {
+      throw new UsageError(`--no-harden: "${id}" is not a hardening item (one of ${HARDENING_IDS.join(", ")})`);
+    }
+  }
+  return items as HardeningId[];
+}
+
 export interface CommonSources {
   databaseUrl?: string;
   appRole?: string;
   tenantSetting?: string;
+  /** From --tenant-column (repeatedFlag). */
+  tenantColumns?: string[];
   config?: string;
   contextSecretFile?: string;
 }
@@ -162,6 +202,8 @@ export interface Resolved {
   databaseUrl: string;
   appRole: string;
   tenantSetting: string;
+  /** The columns that hold the tenant id (at least one). */
+  tenantColumns: string[];
   /** undefined when neither MULTIGRES_CONTEXT_SECRET nor context_secret is set. */
   secret: string | undefined;
 }
@@ -169,7 +211,8 @@ export interface Resolved {
 /**
  * Flags, then the environment, then the config file, as for `start`:
  * --database-url / MULTIGRES_DATABASE_URL, --app-role, --tenant-setting /
- * MULTIGRES_TENANT_SETTING / tenant_setting, and the secret from
+ * MULTIGRES_TENANT_SETTING / tenant_setting, --tenant-column (repeatable,
+ * comma lists) / MULTIGRES_TENANT_COLUMNS / tenant_columns (a list), and the secret from
  * --context-secret-file / MULTIGRES_CONTEXT_SECRET_FILE / context_secret_file,
  * else MULTIGRES_CONTEXT_SECRET / context_secret (never the secret itself as
  * a flag: it would show in ps).
@@ -203,6 +246,8 @@ export async function resolveCommon(args: CommonSources, env = process.env): Pro
     throw new UsageError(`--tenant-setting: must be a custom setting name like app.current_tenant_id (got ${JSON.stringify(tenantSetting)})`);
   }
 
+  const tenantColumns = resolveTenantColumns(args.tenantColumns, env.MULTIGRES_TENANT_COLUMNS, file);
+
   // As for the proxy: a secret file (flag, environment, config) wins over
   // MULTIGRES_CONTEXT_SECRET, which wins over context_secret in the config.
   const secretPath =
@@ -226,22 +271,20 @@ export async function resolveCommon(args: CommonSources, env = process.env): Pro
   if (secret !== undefined && secret.length < 32) {
     throw new UsageError(`the context secret (${secretOrigin}) must be at least 32 characters, as the proxy requires`);
   }
-  return { databaseUrl, appRole, tenantSetting, secret };
+  return { databaseUrl, appRole, tenantSetting, tenantColumns, secret };
 }
 
-/**
- * Every value of a repeatable flag, in order, commas splitting further:
- * `--x a --x b,c` and `--x=a,b` (citty keeps only the last occurrence).
- */
-export function flagValues(rawArgs: readonly string[], flag: string): string[] {
-  const out: string[] = [];
-  for (let i = 0; i < rawArgs.length; i++) {
-    const arg = rawArgs[i]!;
-    if (arg === "--") break;
-    let value: string | undefined;
-    if (arg === `--${flag}`) value = rawArgs[++i];
-    else if (arg.startsWith(`--${flag}=`)) value = arg.slice(flag.length + 3);
-    if (value !== undefined) out.push(...value.split(",").map((v) => v.trim()).filter((v) => v !== ""));
-  }
-  return out;
+function resolveTenantColumns(
+  flag: string[] | undefined,
+  env: string | undefined,
+  file: { path: string; data: Record<string, unknown> } | undefined,
+): string[] {
+  let value: unknown = DEFAULT_TENANT_COLUMNS;
+  let origin = "--tenant-column";
+  if (flag !== undefined) value = flag;
+  else if (env) [value, origin] = [env.split(",").map((s) => s.trim()), "MULTIGRES_TENANT_COLUMNS"];
+  else if (file?.data.tenant_columns !== undefined) [value, origin] = [file.data.tenant_columns, `${file.path}: tenant_columns`];
+  const r = v.safeParse(TenantColumnsSchema, value);
+  if (!r.success) throw new UsageError(`${origin}: ${r.issues[0].message} (got ${JSON.stringify(value)})`);
+  return [...new Set(r.output)];
 }

@@ -5,9 +5,9 @@
  * catalog before it acts and acts only on what it found, so a second run
  * changes nothing; every change is one line of setup's output.
  *
- * Read access taken from PUBLIC goes to the monitoring role (pg_monitor
- * unless --monitoring-role says otherwise), signalling to
- * pg_signal_backend, so monitoring keeps working for roles meant to monitor.
+ * Access taken from PUBLIC goes where REGRANTED_TO says (pg_monitor, or
+ * --monitoring-role instead; pg_signal_backend for signals), so monitoring
+ * keeps working for roles meant to monitor.
  * What the app role still holds afterwards through a membership setup
  * cannot change without touching other roles: that becomes a note.
  */
@@ -18,6 +18,7 @@ import {
   MONITORING_MEMBERSHIPS,
   MONITORING_ROLES,
   PINNED_ROLE_SETTINGS,
+  REGRANTED_TO,
   TENANT_TABLES_SQL,
   VIEWS_SQL,
   type HardeningId,
@@ -57,16 +58,22 @@ export async function hardenDatabase(tx: Tx, o: HardenOptions, out: Out): Promis
 const STEPS: Record<HardeningId, Step> = {
   activity: async (tx, o, out) => {
     await revokeMonitoringMemberships(tx, o, out, "activity");
-    await catalogObjects(tx, o, out, "activity", o.monitoringRole);
+    await catalogObjects(tx, o, out, "activity");
   },
-  statistics: (tx, o, out) => catalogObjects(tx, o, out, "statistics", o.monitoringRole),
-  "pg-stat-statements": (tx, o, out) => catalogObjects(tx, o, out, "pg-stat-statements", o.monitoringRole),
-  "large-objects": (tx, o, out) => catalogObjects(tx, o, out, "large-objects", undefined),
-  signals: (tx, o, out) => catalogObjects(tx, o, out, "signals", MONITORING_ROLES.signal),
+  statistics: (tx, o, out) => catalogObjects(tx, o, out, "statistics"),
+  "pg-stat-statements": (tx, o, out) => catalogObjects(tx, o, out, "pg-stat-statements"),
+  "large-objects": (tx, o, out) => catalogObjects(tx, o, out, "large-objects"),
+  signals: (tx, o, out) => catalogObjects(tx, o, out, "signals"),
   "schema-create": schemaCreate,
   "table-privileges": tablePrivileges,
   "role-settings": roleSettings,
 };
+
+/** Who gets an item's access instead of PUBLIC: REGRANTED_TO, with --monitoring-role standing in for pg_monitor. */
+function grantee(o: HardenOptions, id: HardeningId): string | undefined {
+  const to = REGRANTED_TO[id];
+  return to === MONITORING_ROLES.read ? o.monitoringRole : to;
+}
 
 // ---------------------------------------------------------------------------
 // helpers over ACLs
@@ -165,7 +172,8 @@ async function itemObjects(tx: Tx, o: HardenOptions, id: HardeningId): Promise<{
   };
 }
 
-async function catalogObjects(tx: Tx, o: HardenOptions, out: Out, id: HardeningId, grantTo: string | undefined): Promise<void> {
+async function catalogObjects(tx: Tx, o: HardenOptions, out: Out, id: HardeningId): Promise<void> {
+  const grantTo = grantee(o, id);
   const { functions, views } = await itemObjects(tx, o, id);
   const fns = functions.filter((f) => f.open).map((f) => f.name);
   const rels = views.filter((v) => v.open).map((v) => v.name);

@@ -146,3 +146,15 @@ export const TENANT_TABLES_SQL = `
                     WHERE a.attrelid = c.oid AND a.attname = ANY ($1::name[]) AND a.attnum > 0 AND NOT a.attisdropped)
          OR EXISTS (SELECT 1 FROM pg_catalog.pg_policy p WHERE p.polrelid = c.oid))
   ORDER BY 2`;
+
+/**
+ * Who keeps what an item takes from the app role: the role granted it
+ * instead, so that monitoring and operations go on working. Items not
+ * listed are only revoked.
+ */
+export const REGRANTED_TO: Partial<Record<HardeningId, string>> = {
+  activity: MONITORING_ROLES.read,
+  statistics: MONITORING_ROLES.read,
+  "pg-stat-statements": MONITORING_ROLES.read,
+  signals: MONITORING_ROLES.signal,
+};

@@ -45,10 +45,12 @@ import { HARDENING_IDS, MONITORING_ROLES, type HardeningId } from "./hardening.t
 import { contextKeyId, deriveContextKey, signatureSetting } from "../tenant/context.ts";
 import {
   connectAdmin,
+  DEFAULT_TENANT_COLUMNS,
   DEFAULT_TENANT_SETTING,
   describeError,
-  flagValues,
+  noHardenItems,
   privilegedMemberships,
+  repeatedFlag,
   quoteIdent,
   quoteLiteral,
   resolveCommon,
@@ -312,7 +314,7 @@ export async function runSetup(opts: SetupOptions): Promise<SetupResult> {
         {
           appRole: opts.appRole,
           appOid,
-          tenantColumns: opts.tenantColumns ?? ["tenant_id"],
+          tenantColumns: opts.tenantColumns ?? DEFAULT_TENANT_COLUMNS,
           keep: new Set(opts.keep ?? []),
           monitoringRole: opts.monitoringRole ?? MONITORING_ROLES.read,
         },
@@ -331,14 +333,6 @@ export async function runSetup(opts: SetupOptions): Promise<SetupResult> {
 }
 
 const NOTHING_CHANGED = Symbol("nothing changed");
-
-/** --no-harden values, checked against the item ids. */
-export function hardeningItems(values: string[]): HardeningId[] {
-  for (const v of values) {
-    if (!(HARDENING_IDS as string[]).includes(v)) throw new UsageError(`--no-harden: unknown item "${v}" (items: ${HARDENING_IDS.join(", ")})`);
-  }
-  return values as HardeningId[];
-}
 
 /** The proxy's upstream password for the app role: from the file, or generated into it. */
 async function setUpstreamPassword(tx: Tx, appRole: string, file: string, changes: string[]): Promise<void> {
@@ -447,6 +441,12 @@ export const setupCommand = defineCommand({
       description: "Set the app role's password (the proxy's upstream credential) from FILE, generating a random one into FILE when it does not exist",
       valueHint: "FILE",
     },
+    // Read from the raw arguments (citty keeps one value per flag, and reads --no-x as "not x"); here for --help.
+    "tenant-column": {
+      type: "string",
+      description: "Column that marks a tenant table, for TRUNCATE/TRIGGER/REFERENCES (repeatable, or a comma list) [default: tenant_id]",
+      valueHint: "NAME",
+    },
     "no-harden": {
       type: "string",
       description: `Keep one hardening item as it is (repeatable, or a comma list): ${HARDENING_IDS.join(", ")}`,
@@ -465,6 +465,7 @@ export const setupCommand = defineCommand({
         databaseUrl: args["database-url"] as string | undefined,
         appRole: args["app-role"] as string | undefined,
         tenantSetting: args["tenant-setting"] as string | undefined,
+        tenantColumns: repeatedFlag(rawArgs, "tenant-column"),
         config: args.config as string | undefined,
         contextSecretFile: args["context-secret-file"] as string | undefined,
       });
@@ -479,7 +480,8 @@ export const setupCommand = defineCommand({
         retireOtherKeys: Boolean(args["retire-other-keys"]),
         generateSecret: Boolean(args["generate-secret"]),
         upstreamPasswordFile: args["upstream-password-file"] as string | undefined,
-        keep: hardeningItems(flagValues(rawArgs, "no-harden")),
+        tenantColumns: c.tenantColumns,
+        keep: noHardenItems(rawArgs),
         monitoringRole: (args["monitoring-role"] as string | undefined) || undefined,
       });
     } catch (e) {

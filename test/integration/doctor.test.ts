@@ -10,8 +10,10 @@
  * policied tables yields no error finding and exit 0; error findings exit 1.
  */
 import { afterAll, beforeAll, describe, expect, test, setDefaultTimeout } from "bun:test";
+import { FUNCTIONS_SQL, PINNED_ROLE_SETTINGS, REGRANTED_TO, VIEWS_SQL, type HardeningId } from "../../src/db/hardening.ts";
 import { contextKeyId, deriveContextKey } from "../../src/tenant/context.ts";
 import { startPostgres, type PgInstance } from "../harness/index.ts";
+import { writeTempFile } from "../harness/clients.ts";
 import { describeCli, multigres, Scratch, type CliResult } from "./db-cli-helpers.ts";
 
 // Per file: bun applies setDefaultTimeout only to the file that calls it.
@@ -126,9 +128,9 @@ function expectNoFindingOn(a: Audit, object: string): void {
   expect(hits, `unexpected findings on ${object}:\n${JSON.stringify(hits, null, 2)}`).toEqual([]);
 }
 
-/** A tenant table granted to the app role. */
+/** A tenant table granted to the app role (its key led by the tenant column, as the index rules want). */
 const table = (c: Ctx, name = "docs", column = "tenant_id") => `
-  CREATE TABLE public.${name} (id serial PRIMARY KEY, ${column} text NOT NULL, body text);
+  CREATE TABLE public.${name} (id serial, ${column} text NOT NULL, body text, PRIMARY KEY (${column}, id));
   GRANT SELECT, INSERT, UPDATE, DELETE ON public.${name} TO "${c.app}";`;
 /** …with isolation turned on the recommended way. */
 const isolated = (c: Ctx, name = "docs") => `${table(c, name)} SELECT multigres.enable_tenant_rls('public.${name}');`;
@@ -138,7 +140,10 @@ const isolated = (c: Ctx, name = "docs") => `${table(c, name)} SELECT multigres.
 describe("a correctly set up database", () => {
   test("tenant tables with the recommended policy, an invoker view, a safe SECURITY DEFINER function: no error, exit 0", async () => {
     const a = await audit({
-      plant: (c) => `
+      plant: (c) => {
+        // The function runs as a role that row-level security binds like any tenant.
+        const definer = c.role("definer");
+        return `
         ${isolated(c, "docs")}
         ${isolated(c, "orders")}
         CREATE POLICY only_live ON public.docs AS RESTRICTIVE USING (body IS NOT NULL);
@@ -146,8 +151,11 @@ describe("a correctly set up database", () => {
         GRANT SELECT ON public.countries TO "${c.app}";
         CREATE VIEW public.docs_v WITH (security_invoker = true) AS SELECT * FROM public.docs;
         GRANT SELECT ON public.docs_v TO "${c.app}";
+        CREATE ROLE "${definer}" NOLOGIN; GRANT SELECT ON public.docs TO "${definer}";
         CREATE FUNCTION public.doc_count() RETURNS bigint LANGUAGE sql SECURITY DEFINER
-          SET search_path = pg_catalog, pg_temp AS 'SELECT count(*) FROM public.docs';`,
+          SET search_path = pg_catalog, pg_temp AS 'SELECT count(*) FROM public.docs';
+        ALTER FUNCTION public.doc_count() OWNER TO "${definer}";`;
+      },
       doctorEnv: { MULTIGRES_CONTEXT_SECRET: SECRET },
     });
     expect(a.findings.filter((f) => f.severity !== "info")).toEqual([]);
@@ -255,6 +263,63 @@ describe("tables", () => {
   });
 });
 
+describe("tenant columns: repeatable, a comma list, the config file", () => {
+  let a: Audit;
+  beforeAll(async () => {
+    a = await audit({
+      plant: (c) => `
+        ${table(c, "docs")}
+        ${table(c, "orgs", "org_id")}
+        ${isolated(c, "good")}
+        CREATE TABLE public.org_forced (id serial, org_id text NOT NULL, PRIMARY KEY (org_id, id));
+        SELECT multigres.enable_tenant_rls('public.org_forced', 'org_id');
+        CREATE TABLE public.org_unforced (id serial, org_id text NOT NULL, PRIMARY KEY (org_id, id));
+        SELECT multigres.enable_tenant_rls('public.org_unforced', 'org_id'); ALTER TABLE public.org_unforced NO FORCE ROW LEVEL SECURITY;`,
+    });
+  });
+  const both = (b: Audit) => {
+    expectFinding(b, "rls-disabled", "table public.docs", "error");
+    const f = expectFinding(b, "rls-disabled", "table public.orgs", "error");
+    expect(f.message).toContain("tenant column org_id");
+    expect(f.fix).toBe("SELECT multigres.enable_tenant_rls('public.orgs', 'org_id');");
+    expectFinding(b, "rls-not-forced", "table public.org_unforced", "warning");
+    expectNoFindingOn(b, "table public.org_forced");
+    expectNoFindingOn(b, "table public.good");
+  };
+
+  test("by default only tenant_id: the org_id table without RLS passes unseen", () => {
+    expectNoFindingOn(a, "table public.orgs");
+    expectFinding(a, "rls-disabled", "table public.docs", "error");
+  });
+  test("--tenant-column repeated", async () => {
+    both(await doctor(a, ["--tenant-column", "tenant_id", "--tenant-column", "org_id"]));
+  });
+  test("--tenant-column as a comma list, and with =", async () => {
+    both(await doctor(a, ["--tenant-column", "tenant_id,org_id"]));
+    both(await doctor(a, ["--tenant-column=tenant_id", "--tenant-column=org_id"]));
+  });
+  test("tenant_columns in the config file, and MULTIGRES_TENANT_COLUMNS", async () => {
+    const config = writeTempFile(`doctor-columns-${process.pid}.toml`, `tenant_columns = ["tenant_id", "org_id"]\n`);
+    both(await doctor(a, ["--config", config]));
+    both(await doctor(a, [], a.ctx.app, { MULTIGRES_TENANT_COLUMNS: "tenant_id,org_id" }));
+  });
+  test("the flag beats the config file", async () => {
+    const config = writeTempFile(`doctor-columns-flag-${process.pid}.toml`, `tenant_columns = ["tenant_id", "org_id"]\n`);
+    const b = await doctor(a, ["--config", config, "--tenant-column", "org_id"]);
+    expectFinding(b, "rls-disabled", "table public.orgs", "error");
+    expectNoFindingOn(b, "table public.docs");
+  });
+  test("names that cannot be columns are usage errors (exit 2)", async () => {
+    const url = scratch.url(a.ctx.db);
+    const bad = writeTempFile(`doctor-columns-bad-${process.pid}.toml`, `tenant_columns = "org_id"\n`);
+    for (const args of [["--tenant-column", ""], ["--tenant-column", "a,"], ["--tenant-column", "x".repeat(64)], ["--tenant-column"], ["--config", bad]]) {
+      const r = await multigres(["doctor", "--database-url", url, "--app-role", a.ctx.app, ...args]);
+      expect(r.exitCode, describeCli(r)).toBe(2);
+      expect(r.stderr).toMatch(/tenant.column|tenant_columns/);
+    }
+  });
+});
+
 describe("policies", () => {
   let a: Audit;
   const rls = (name: string) => `ALTER TABLE public.${name} ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;`;
@@ -326,8 +391,12 @@ describe("policies", () => {
     expectFinding(a, "policy-null-arm", 'policy "lenient" on public.lenient_sub', "error");
     expectFinding(a, "policy-null-arm", 'policy "no_context_sees_all" on public.lenient_sub', "error");
   });
-  test("policy-null-arm clean: IS NULL on a column (shared rows) and IS NOT NULL on the tenant", () => {
-    expectNoFindingOn(a, 'policy "shared_or_own" on public.shared');
+  test("policy-null-arm clean: IS NULL on a column is no null arm on the tenant, but an OR doctor cannot prove → policy-unproven", () => {
+    expectNoFinding(a, "policy-null-arm", 'policy "shared_or_own" on public.shared');
+    const f = expectFinding(a, "policy-unproven", 'policy "shared_or_own" on public.shared', "error");
+    // Its WITH CHECK (IS NOT NULL AND the tenant) is proven: only USING is named.
+    expect(f.message).toContain("its USING for SELECT, UPDATE, DELETE may admit other tenants' rows");
+    expect(f.message).not.toContain("WITH CHECK for");
     expectNoFindingOn(a, "table public.shared");
   });
 
@@ -340,6 +409,113 @@ describe("policies", () => {
   });
   test("policy-current-setting clean: current_tenant_id()", () => {
     expectNoFinding(a, "policy-current-setting", 'policy "multigres_tenant_isolation" on public.good');
+  });
+});
+
+describe("the policy prover", () => {
+  let a: Audit;
+  const rls = (name: string) => `ALTER TABLE public.${name} ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;`;
+  /** A tenant table whose only policy is `policy` (USING, and WITH CHECK the same unless given). */
+  const only = (c: Ctx, name: string, using: string, check?: string) =>
+    `${table(c, name)} ${rls(name)} CREATE POLICY p ON public.${name} USING (${using})${check ? ` WITH CHECK (${check})` : ""};`;
+  beforeAll(async () => {
+    a = await audit({
+      plant: (c) => `
+        CREATE FUNCTION public.is_staff() RETURNS boolean LANGUAGE sql STABLE AS 'SELECT false';
+        CREATE FUNCTION public.always_eq(text, text) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'SELECT true';
+        CREATE OPERATOR public.= (LEFTARG = text, RIGHTARG = text, FUNCTION = public.always_eq);
+        CREATE COLLATION public.ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
+
+        -- what the issue measured: doctor passed all of these
+        ${only(c, "or_true", "tenant_id = current_tenant_id() OR true")}
+        ${only(c, "or_staff", "tenant_id = current_tenant_id() OR public.is_staff()")}
+        ${only(c, "like_prefix", "tenant_id LIKE current_tenant_id() || '%'")}
+        ${only(c, "coalesced", "coalesce(current_tenant_id(), tenant_id) = tenant_id")}
+        ${only(c, "not_false", "(tenant_id = current_tenant_id()) IS NOT FALSE")}
+        -- and their kin
+        ${only(c, "not_distinct", "tenant_id IS NOT DISTINCT FROM current_tenant_id()")}
+        ${only(c, "trojan", "tenant_id OPERATOR(public.=) current_tenant_id()")}
+        CREATE TABLE public.caseless (id serial, tenant_id text COLLATE public.ci NOT NULL, PRIMARY KEY (tenant_id, id));
+        GRANT SELECT ON public.caseless TO "${c.app}"; SELECT multigres.enable_tenant_rls('public.caseless');
+        ${only(c, "sub_from", "tenant_id = (SELECT current_tenant_id() FROM public.or_true LIMIT 1)")}
+        ${only(c, "check_open", "tenant_id = (SELECT current_tenant_id())", "current_tenant_id() IS NOT NULL")}
+
+        -- proven shapes
+        ${only(c, "direct", "current_tenant_id() = tenant_id")}
+        ${only(c, "narrowed", "tenant_id = (SELECT current_tenant_id()) AND body IS NOT NULL")}
+        CREATE TABLE public.by_uuid (id serial, tenant_id uuid NOT NULL, PRIMARY KEY (tenant_id, id));
+        GRANT SELECT ON public.by_uuid TO "${c.app}"; ${rls("by_uuid")}
+        CREATE POLICY p ON public.by_uuid USING (tenant_id = (SELECT current_tenant_id())::uuid);
+        CREATE TABLE public.by_varchar (id serial, tenant_id varchar(63) NOT NULL, PRIMARY KEY (tenant_id, id));
+        GRANT SELECT ON public.by_varchar TO "${c.app}"; ${rls("by_varchar")}
+        CREATE POLICY p ON public.by_varchar USING (tenant_id = multigres.current_tenant_id());
+        -- an unproven permissive policy bounded by a proven restrictive one: for every command, or only for SELECT
+        ${isolated(c, "bounded")} CREATE POLICY open ON public.bounded USING (true);
+          CREATE POLICY tenant_bound ON public.bounded AS RESTRICTIVE USING (tenant_id = (SELECT current_tenant_id()));
+        ${isolated(c, "half_bounded")} CREATE POLICY open ON public.half_bounded USING (true);
+          CREATE POLICY tenant_bound ON public.half_bounded AS RESTRICTIVE FOR SELECT USING (tenant_id = (SELECT current_tenant_id()));
+
+        -- leaks: PostgreSQL runs a policy's conditions in cost order, on every tenant's rows
+        CREATE FUNCTION public.visible(body text) RETURNS boolean LANGUAGE sql STABLE AS 'SELECT true';
+        ALTER FUNCTION public.visible(text) OWNER TO "${c.app}";  -- the tenant can make it RAISE NOTICE every row
+        ${only(c, "cast_leak", "tenant_id = current_tenant_id() AND body::int > 0")}
+        ${only(c, "own_function", "tenant_id = (SELECT current_tenant_id()) AND public.visible(body)")}
+        ${isolated(c, "leaky_bound")} CREATE POLICY shown ON public.leaky_bound AS RESTRICTIVE USING (public.visible(body));
+        ${isolated(c, "leaky_open")} CREATE POLICY open ON public.leaky_open USING (public.visible(body));
+          CREATE POLICY tenant_bound ON public.leaky_open AS RESTRICTIVE USING (tenant_id = (SELECT current_tenant_id()));
+        ${only(c, "leakproof_and", "tenant_id = current_tenant_id() AND body = 'x' AND body IS NOT NULL")}`,
+    });
+  });
+
+  for (const name of ["or_true", "or_staff", "like_prefix", "coalesced", "not_false", "not_distinct", "trojan", "sub_from"]) {
+    test(`policy-unproven: ${name} → error, showing the expression`, () => {
+      const f = expectFinding(a, "policy-unproven", `policy "p" on public.${name}`, "error");
+      expect(f.message).toContain("doctor cannot prove");
+      expect(f.message).toContain("USING (");
+      expect(f.fix).toContain(`CREATE POLICY tenant_bound ON public.${name} AS RESTRICTIVE`);
+    });
+  }
+  test("policy-unproven: a case-insensitive collation (tenant acme would see ACME) → error", () => {
+    expectFinding(a, "policy-unproven", 'policy "multigres_tenant_isolation" on public.caseless', "error");
+  });
+  test("policy-unproven: a proven USING with an unproven WITH CHECK names WITH CHECK only", () => {
+    const f = expectFinding(a, "policy-unproven", 'policy "p" on public.check_open', "error");
+    expect(f.message).toContain("its WITH CHECK for INSERT, UPDATE");
+    expect(f.message).not.toContain("USING for");
+  });
+  test("the issue's examples fail the run (exit 1)", () => {
+    expect(a.run.exitCode).toBe(1);
+  });
+
+  test("policy-unproven clean: either operand order, AND, casts on either side, multigres.current_tenant_id()", () => {
+    for (const name of ["direct", "narrowed", "by_uuid", "by_varchar"]) expectNoFindingOn(a, `policy "p" on public.${name}`);
+  });
+  test("policy-unproven clean: a proven restrictive policy bounds USING (true)", () => {
+    expectNoFindingOn(a, 'policy "open" on public.bounded');
+    expectNoFindingOn(a, 'policy "tenant_bound" on public.bounded');
+  });
+  test("policy-unproven: an AND whose other condition casts the row (the error shows another tenant's value) → error", () => {
+    const f = expectFinding(a, "policy-unproven", 'policy "p" on public.cast_leak', "error");
+    expect(f.message).toContain("an I/O cast");
+    expect(f.message).toContain("LEAKPROOF");
+  });
+  test("policy-unproven: an AND with a function the app role owns (it can replace it) → error, naming it", () => {
+    expect(expectFinding(a, "policy-unproven", 'policy "p" on public.own_function', "error").message).toContain("public.visible(text)");
+  });
+  test("policy-unproven: a leaky restrictive policy, and a leaky permissive one however bounded → error", () => {
+    expectFinding(a, "policy-unproven", 'policy "shown" on public.leaky_bound', "error");
+    const f = expectFinding(a, "policy-unproven", 'policy "open" on public.leaky_open', "error");
+    expect(f.message).not.toContain("may admit other tenants' rows"); // bounded: the leak is the problem
+    expectNoFindingOn(a, 'policy "tenant_bound" on public.leaky_open');
+  });
+  test("policy-unproven clean: an AND of LEAKPROOF conditions", () => {
+    expectNoFindingOn(a, 'policy "p" on public.leakproof_and');
+  });
+  test("policy-no-tenant-check: a restrictive bound for SELECT only leaves the other commands open", () => {
+    const f = expectFinding(a, "policy-no-tenant-check", 'policy "open" on public.half_bounded', "error");
+    expect(f.message).toContain("USING for UPDATE, DELETE");
+    expect(f.message).toContain("USING (as its WITH CHECK) for INSERT, UPDATE");
+    expect(f.message).not.toContain("SELECT");
   });
 });
 
@@ -474,18 +650,57 @@ describe("SECURITY DEFINER functions", () => {
   let a: Audit;
   beforeAll(async () => {
     a = await audit({
-      plant: (c) => `
+      plant: (c) => {
+        const definer = c.role("definer"); // bound by RLS like any tenant
+        const bypasser = c.role("bypasser");
+        const tableOwner = c.role("table_owner");
+        const forcedOwner = c.role("forced_owner");
+        const readers = c.role("readers");
+        return `
+        CREATE ROLE "${definer}" NOLOGIN;
         CREATE FUNCTION public.lookup(id int) RETURNS text LANGUAGE sql SECURITY DEFINER AS 'SELECT id::text';
         CREATE SCHEMA scratchpad; GRANT USAGE, CREATE ON SCHEMA scratchpad TO "${c.app}";
         CREATE FUNCTION public.writable_path() RETURNS int LANGUAGE sql SECURITY DEFINER
           SET search_path = scratchpad, pg_catalog, pg_temp AS 'SELECT 1';
         CREATE FUNCTION public.temp_first() RETURNS int LANGUAGE sql SECURITY DEFINER SET search_path = public AS 'SELECT 1';
         CREATE FUNCTION public.fixed() RETURNS int LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'SELECT 1';
+        ALTER FUNCTION public.fixed() OWNER TO "${definer}";
         CREATE FUNCTION public.admin_only() RETURNS int LANGUAGE sql SECURITY DEFINER AS 'SELECT 1';
         REVOKE EXECUTE ON FUNCTION public.admin_only() FROM PUBLIC;
         CREATE FUNCTION public.own() RETURNS int LANGUAGE sql SECURITY DEFINER AS 'SELECT 1';
         ALTER FUNCTION public.own() OWNER TO "${c.app}";
-        CREATE FUNCTION public.invoker() RETURNS int LANGUAGE sql AS 'SELECT 1';`,
+        CREATE FUNCTION public.invoker() RETURNS int LANGUAGE sql AS 'SELECT 1';
+
+        -- security-definer-bypass: every tenant's rows, with a fixed search_path all the same
+        ${isolated(c, "docs")}
+        CREATE FUNCTION public.all_docs() RETURNS SETOF public.docs LANGUAGE sql SECURITY DEFINER
+          SET search_path = pg_catalog, pg_temp AS 'SELECT * FROM public.docs';
+        CREATE ROLE "${bypasser}" NOLOGIN BYPASSRLS; GRANT SELECT ON public.docs TO "${bypasser}";
+        CREATE FUNCTION public.bypassing() RETURNS bigint LANGUAGE sql SECURITY DEFINER
+          SET search_path = pg_catalog, pg_temp AS 'SELECT count(*) FROM public.docs';
+        ALTER FUNCTION public.bypassing() OWNER TO "${bypasser}";
+        CREATE ROLE "${tableOwner}" NOLOGIN;
+        ${isolated(c, "unforced")} ALTER TABLE public.unforced NO FORCE ROW LEVEL SECURITY, OWNER TO "${tableOwner}";
+        CREATE FUNCTION public.by_owner() RETURNS bigint LANGUAGE sql SECURITY DEFINER
+          SET search_path = pg_catalog, pg_temp AS 'SELECT count(*) FROM public.unforced';
+        ALTER FUNCTION public.by_owner() OWNER TO "${tableOwner}";
+        -- clean: the owner owns its table but FORCE binds it; SECURITY INVOKER; not executable by the app role
+        CREATE ROLE "${forcedOwner}" NOLOGIN;
+        ${isolated(c, "forced")} ALTER TABLE public.forced OWNER TO "${forcedOwner}";
+        CREATE FUNCTION public.by_forced_owner() RETURNS bigint LANGUAGE sql SECURITY DEFINER
+          SET search_path = pg_catalog, pg_temp AS 'SELECT count(*) FROM public.forced';
+        ALTER FUNCTION public.by_forced_owner() OWNER TO "${forcedOwner}";
+        CREATE FUNCTION public.all_docs_invoker() RETURNS SETOF public.docs LANGUAGE sql
+          SET search_path = pg_catalog, pg_temp AS 'SELECT * FROM public.docs';
+        CREATE FUNCTION public.all_docs_revoked() RETURNS SETOF public.docs LANGUAGE sql SECURITY DEFINER
+          SET search_path = pg_catalog, pg_temp AS 'SELECT * FROM public.docs';
+        REVOKE EXECUTE ON FUNCTION public.all_docs_revoked() FROM PUBLIC;
+        CREATE ROLE "${readers}" NOLOGIN; GRANT "${readers}" TO "${c.app}";
+        CREATE FUNCTION public.all_docs_members() RETURNS SETOF public.docs LANGUAGE sql SECURITY DEFINER
+          SET search_path = pg_catalog, pg_temp AS 'SELECT * FROM public.docs';
+        REVOKE EXECUTE ON FUNCTION public.all_docs_members() FROM PUBLIC;
+        GRANT EXECUTE ON FUNCTION public.all_docs_members() TO "${readers}";`;
+      },
     });
   });
 
@@ -503,6 +718,232 @@ describe("SECURITY DEFINER functions", () => {
     for (const fn of ["fixed()", "admin_only()", "own()", "invoker()"]) expectNoFindingOn(a, `function public.${fn}`);
     // multigres.current_tenant_id() itself is SECURITY DEFINER with a fixed search_path.
     expectNoFindingOn(a, "function multigres.current_tenant_id()");
+  });
+
+  test("security-definer-bypass: a superuser's function returning every tenant's rows, search_path fixed → error", () => {
+    const f = expectFinding(a, "security-definer-bypass", "function public.all_docs()", "error");
+    expect(f.message).toContain("is a superuser");
+    expect(f.fix).toContain("REVOKE EXECUTE ON FUNCTION public.all_docs() FROM PUBLIC");
+    expectNoFinding(a, "security-definer-search-path", "function public.all_docs()");
+  });
+  test("security-definer-bypass: executable only through a role the app role is a member of → error", () => {
+    expectFinding(a, "security-definer-bypass", "function public.all_docs_members()", "error");
+  });
+  test("security-definer-bypass: owned by a BYPASSRLS role, or by the owner of a tenant table that does not FORCE RLS → error", () => {
+    expect(expectFinding(a, "security-definer-bypass", "function public.bypassing()", "error").message).toContain("has BYPASSRLS");
+    expect(expectFinding(a, "security-definer-bypass", "function public.by_owner()", "error").message).toContain("public.unforced");
+  });
+  test("security-definer-bypass clean: an owner bound by FORCEd RLS, SECURITY INVOKER, not executable, setup's own functions", () => {
+    for (const fn of ["by_forced_owner()", "all_docs_invoker()", "all_docs_revoked()", "fixed()"]) {
+      expectNoFindingOn(a, `function public.${fn}`);
+    }
+    expectNoFinding(a, "security-definer-bypass", "function multigres.current_tenant_id()");
+    expectNoFinding(a, "security-definer-bypass", "function multigres.backend_binding()");
+    expectNoFinding(a, "security-definer-bypass", "function multigres.context_status(text)");
+  });
+});
+
+describe("hardening: what one role shared by every tenant must not have", () => {
+  // One database hardened like setup, then everything handed back one way or another.
+  let a: Audit;
+  let clean: Audit;
+  let roles: { readers: string; owner: string };
+  beforeAll(async () => {
+    clean = await audit({ before: () => "CREATE EXTENSION pg_stat_statements;", plant: (c) => isolated(c, "docs") });
+    a = await audit({
+      plant: (c) => {
+        roles = { readers: c.role("readers"), owner: c.role("owner") };
+        return `
+          CREATE ROLE "${roles.readers}" NOLOGIN; GRANT "${roles.readers}" TO "${c.app}";
+          CREATE ROLE "${roles.owner}" NOLOGIN;
+          GRANT EXECUTE ON FUNCTION pg_catalog.pg_stat_get_activity(integer) TO "${c.app}";
+          GRANT SELECT ON pg_catalog.pg_stat_user_tables TO PUBLIC;
+          CREATE EXTENSION pg_stat_statements;  -- grants its views to PUBLIC
+          GRANT EXECUTE ON FUNCTION pg_catalog.lo_get(oid) TO "${roles.readers}";
+          GRANT EXECUTE ON FUNCTION pg_catalog.pg_terminate_backend(integer, bigint) TO PUBLIC;
+          CREATE SCHEMA open_to_all; GRANT CREATE ON SCHEMA open_to_all TO PUBLIC;
+          CREATE SCHEMA apps_own AUTHORIZATION "${c.app}";
+          CREATE SCHEMA usage_only; GRANT USAGE ON SCHEMA usage_only TO "${c.app}";
+          ${isolated(c, "docs")} GRANT TRUNCATE ON public.docs TO "${c.app}";
+          ${isolated(c, "refs")} GRANT REFERENCES ON public.refs TO PUBLIC;
+          ${isolated(c, "fine")}
+          CREATE TABLE public.countries (code text PRIMARY KEY);
+          GRANT TRIGGER ON public.countries TO "${roles.readers}";
+          CREATE TABLE public.lookup (code text PRIMARY KEY); GRANT TRUNCATE ON public.lookup TO "${c.app}";  -- no tenant rows
+          ALTER DEFAULT PRIVILEGES FOR ROLE "${roles.owner}" IN SCHEMA public GRANT TRIGGER ON TABLES TO "${c.app}";
+          ALTER ROLE "${c.app}" SET statement_timeout = 1;
+          ALTER ROLE "${c.app}" IN DATABASE "${c.db}" SET search_path = open_to_all, public;
+          ALTER ROLE "${c.app}" RESET log_parameter_max_length;
+          DO $$ BEGIN EXECUTE format('ALTER LARGE OBJECT %s OWNER TO %I', lo_create(0), '${c.app}'); END $$;
+          SELECT lo_create(0);  -- the superuser's: no tenant's`;
+      },
+    });
+  });
+
+  test("clean: hardened like setup, pg_stat_statements installed and revoked: no hardening finding, exit 0", () => {
+    expect(clean.findings.filter((f) => f.rule.startsWith("hardening-") || f.rule === "large-objects-owned")).toEqual([]);
+    expect(clean.run.exitCode).toBe(0);
+  });
+
+  test("hardening-activity: an activity function granted to the app role → error naming it", () => {
+    const f = expectFinding(a, "hardening-activity", `role ${a.ctx.app}`, "error");
+    expect(f.message).toContain("pg_stat_get_activity(integer)");
+    expect(f.message).toContain("pg_stat_activity shows the running and last statements");
+    expect(f.fix).toContain(`REVOKE EXECUTE ON FUNCTION pg_stat_get_activity(integer) FROM "${a.ctx.app}";`);
+    expect(f.fix).toContain("TO pg_monitor;");
+    expect(f.fix).toContain("multigres setup");
+  });
+  test("hardening-statistics: a statistics view granted to PUBLIC → error", () => {
+    const f = expectFinding(a, "hardening-statistics", `role ${a.ctx.app}`, "error");
+    expect(f.message).toContain("pg_stat_user_tables");
+    expect(f.fix).toContain("REVOKE SELECT ON TABLE pg_stat_user_tables FROM PUBLIC;");
+  });
+  test("hardening-pg-stat-statements: the extension's views, readable by PUBLIC → error; not installed or revoked → none", () => {
+    const f = expectFinding(a, "hardening-pg-stat-statements", `role ${a.ctx.app}`, "error");
+    expect(f.message).toContain("public.pg_stat_statements");
+  });
+  test("hardening-large-objects: an lo function through a role the app role is a member of → error", () => {
+    const f = expectFinding(a, "hardening-large-objects", `role ${a.ctx.app}`, "error");
+    expect(f.message).toContain("lo_get(oid)");
+    expect(f.fix).toContain(`FROM "${roles.readers}"`);
+  });
+  test("hardening-signals: pg_terminate_backend for PUBLIC → error", () => {
+    expect(expectFinding(a, "hardening-signals", `role ${a.ctx.app}`, "error").fix).toContain("TO pg_signal_backend;");
+  });
+  test("hardening-schema-create: CREATE through PUBLIC, and a schema it owns → error; USAGE alone is fine", () => {
+    const f = expectFinding(a, "hardening-schema-create", `role ${a.ctx.app}`, "error");
+    expect(f.message).toContain("apps_own");
+    expect(f.message).toContain("open_to_all");
+    expect(f.message).not.toContain("usage_only");
+    expect(f.fix).toContain("REVOKE CREATE ON SCHEMA open_to_all FROM PUBLIC;");
+    expect(f.fix).toContain("ALTER SCHEMA apps_own OWNER TO");
+  });
+  test("hardening-table-privileges: TRUNCATE / REFERENCES on tenant tables, TRIGGER on any table → error", () => {
+    const f = expectFinding(a, "hardening-table-privileges", `role ${a.ctx.app}`, "error");
+    expect(f.message).toContain("public.docs");
+    expect(f.message).toContain("public.refs");
+    expect(f.message).toContain("can create triggers on public.countries");
+    expect(f.message).not.toContain("public.fine");
+    expect(f.message).not.toContain("public.lookup"); // TRUNCATE of a table without tenant rows
+  });
+  test("hardening-table-privileges: default privileges that would grant TRIGGER on future tables → warning", () => {
+    const f = expectFinding(a, "hardening-table-privileges", `default privileges of role ${roles.owner} in schema public`, "warning");
+    expect(f.fix).toBe(
+      `ALTER DEFAULT PRIVILEGES FOR ROLE "${roles.owner}" IN SCHEMA "public" REVOKE TRUNCATE, TRIGGER, REFERENCES ON TABLES FROM "${a.ctx.app}";` +
+        `  -- or: multigres setup --database-url "$ADMIN_URL" --app-role ${a.ctx.app} (it hardens this unless given --no-harden table-privileges)`,
+    );
+  });
+  test("hardening-role-settings: role-level settings, in every database or this one → error; the pinned one missing → warning", () => {
+    const f = expectFinding(a, "hardening-role-settings", `role ${a.ctx.app}`, "error");
+    expect(f.message).toContain("statement_timeout=1");
+    expect(f.message).toContain(`search_path=open_to_all, public (in ${a.ctx.db})`);
+    expect(f.fix).toContain(`ALTER ROLE "${a.ctx.app}" RESET "statement_timeout";`);
+    expect(f.fix).toContain(`ALTER ROLE "${a.ctx.app}" IN DATABASE "${a.ctx.db}" RESET "search_path";`);
+    const [name, value] = PINNED_ROLE_SETTINGS[0]!;
+    expectFinding(a, "hardening-role-settings", `setting ${name} of role ${a.ctx.app}`, "warning");
+    expect(a.findings.find((x) => x.object === `setting ${name} of role ${a.ctx.app}`)!.fix).toContain(`SET "${name}" = ${value};`);
+  });
+  test("large-objects-owned: one owned by the app role → error; the superuser's do not count", () => {
+    const f = expectFinding(a, "large-objects-owned", `role ${a.ctx.app}`, "error");
+    expect(f.message).toContain("owns 1 large object:");
+  });
+
+  test("--no-harden <item> (repeatable, comma lists): that item's findings become info, kept by choice", async () => {
+    const b = await doctor(a, ["--no-harden", "signals", "--no-harden", "table-privileges,role-settings"]);
+    for (const [object, rule] of [
+      [`role ${a.ctx.app}`, "hardening-signals"],
+      [`role ${a.ctx.app}`, "hardening-table-privileges"],
+      [`default privileges of role ${roles.owner} in schema public`, "hardening-table-privileges"],
+      [`role ${a.ctx.app}`, "hardening-role-settings"],
+    ] as const) {
+      expect(expectFinding(b, rule, object, "info").message).toStartWith(`kept by choice (--no-harden ${rule.slice("hardening-".length)}): `);
+    }
+    expectFinding(b, "hardening-activity", `role ${a.ctx.app}`, "error");
+  });
+  test("--no-harden with an unknown item is a usage error (exit 2)", async () => {
+    const r = await multigres(["doctor", "--database-url", scratch.url(a.ctx.db), "--app-role", a.ctx.app, "--no-harden", "everything"]);
+    expect(r.exitCode, describeCli(r)).toBe(2);
+    expect(r.stderr).toContain('--no-harden: "everything" is not a hardening item');
+  });
+});
+
+describe("indexes on tenant tables", () => {
+  let a: Audit;
+  let open: Audit;
+  beforeAll(async () => {
+    a = await audit({
+      plant: (c) => `
+        ${isolated(c, "docs")}
+        CREATE INDEX docs_body ON public.docs (body);
+        CREATE INDEX docs_lower ON public.docs (lower(body));
+        CREATE INDEX docs_partial ON public.docs (body) WHERE body IS NOT NULL;
+        CREATE INDEX docs_tenant_body ON public.docs (tenant_id, body);
+        CREATE TABLE public.users (id serial PRIMARY KEY, tenant_id text NOT NULL, email text NOT NULL, nick text NOT NULL,
+                                   handle text NOT NULL, CONSTRAINT users_email UNIQUE (email), CONSTRAINT users_nick UNIQUE (nick, tenant_id),
+                                   CONSTRAINT users_handle UNIQUE (tenant_id, handle));
+        SELECT multigres.enable_tenant_rls('public.users');
+        CREATE TABLE public.naturals (code text PRIMARY KEY, tenant_id text NOT NULL);
+        SELECT multigres.enable_tenant_rls('public.naturals');
+        CREATE TABLE public.bookings (tenant_id text NOT NULL, during tsrange NOT NULL, EXCLUDE USING gist (during WITH &&));
+        SELECT multigres.enable_tenant_rls('public.bookings');
+        CREATE TABLE public.events (tenant_id text NOT NULL, at date NOT NULL, ref text NOT NULL, UNIQUE (ref, at)) PARTITION BY RANGE (at);
+        CREATE TABLE public.events_2026 PARTITION OF public.events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+        SELECT multigres.enable_tenant_rls('public.events');
+        -- a tenant table without the configured column: its policy says which column is the tenant's
+        CREATE TABLE public.by_policy (id serial, org text NOT NULL, body text, PRIMARY KEY (org, id));
+        ALTER TABLE public.by_policy ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
+        CREATE POLICY p ON public.by_policy USING (org = (SELECT current_tenant_id()));
+        CREATE INDEX by_policy_body ON public.by_policy (body);
+        -- not a tenant table
+        CREATE TABLE public.countries (code text PRIMARY KEY, name text UNIQUE);`,
+    });
+    open = await audit({
+      plant: (c) => `${isolated(c, "docs")} CREATE INDEX docs_body ON public.docs (body);
+        GRANT EXECUTE ON FUNCTION pg_catalog.pg_stat_get_tuples_fetched(oid) TO PUBLIC;`,
+    });
+  });
+
+  test("index-not-tenant-led: a plain, an expression and a partial index → warning, fix leads with the tenant column", () => {
+    const f = expectFinding(a, "index-not-tenant-led", "index public.docs_body", "warning");
+    expect(f.message).toContain("Rows Removed by Filter");
+    expect(f.fix).toBe(`CREATE INDEX ON public.docs ("tenant_id", body); DROP INDEX public.docs_body;`);
+    expect(expectFinding(a, "index-not-tenant-led", "index public.docs_lower", "warning").fix).toContain(`("tenant_id", lower(body))`);
+    expect(expectFinding(a, "index-not-tenant-led", "index public.docs_partial", "warning").fix).toContain("WHERE body IS NOT NULL");
+  });
+  test("index-not-tenant-led: an error when the app role can read the statistics (the count is exact)", () => {
+    expectFinding(open, "hardening-statistics", `role ${open.ctx.app}`, "error");
+    expectFinding(open, "index-not-tenant-led", "index public.docs_body", "error");
+  });
+  test("index-not-tenant-led: a primary key on a surrogate → info; a unique key led by another column → warning", () => {
+    expectFinding(a, "index-not-tenant-led", "index public.users_pkey", "info");
+    expectFinding(a, "index-not-tenant-led", "index public.users_nick", "warning");
+  });
+  test("index-not-tenant-led: the column a proven policy compares counts as the tenant column", () => {
+    expect(expectFinding(a, "index-not-tenant-led", "index public.by_policy_body", "warning").fix).toContain(`("org", body)`);
+    expectNoFindingOn(a, "index public.by_policy_pkey");
+  });
+  test("index-not-tenant-led clean: led by the tenant column; tables without tenant rows", () => {
+    for (const ix of ["docs_tenant_body", "docs_pkey", "users_handle", "countries_pkey", "countries_name_key"]) {
+      expectNoFindingOn(a, `index public.${ix}`);
+    }
+  });
+
+  test("unique-not-tenant-led: a unique natural key without the tenant → error, fix adds it", () => {
+    const f = expectFinding(a, "unique-not-tenant-led", "index public.users_email", "error");
+    expect(f.message).toContain("unique across all tenants");
+    expect(f.fix).toBe(`ALTER TABLE public.users DROP CONSTRAINT "users_email", ADD CONSTRAINT "users_email" UNIQUE ("tenant_id", email);`);
+    expectFinding(a, "unique-not-tenant-led", "index public.naturals_pkey", "error");
+  });
+  test("unique-not-tenant-led: an exclusion constraint, and a partitioned table's unique key reported once", () => {
+    expectFinding(a, "unique-not-tenant-led", "index public.bookings_during_excl", "error");
+    expectFinding(a, "unique-not-tenant-led", "index public.events_ref_at_key", "error");
+    expect(a.findings.filter((f) => f.object.startsWith("index public.events_2026"))).toEqual([]);
+  });
+  test("unique-not-tenant-led: a primary key on one generated column → warning", () => {
+    expectFinding(a, "unique-not-tenant-led", "index public.users_pkey", "warning");
+  });
+  test("unique-not-tenant-led clean: the tenant column among the keys, in any position", () => {
+    for (const ix of ["users_nick", "users_handle", "docs_pkey"]) expectNoFinding(a, "unique-not-tenant-led", `index public.${ix}`);
   });
 });
 

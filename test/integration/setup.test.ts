@@ -476,7 +476,27 @@ describe("hardening the database (what one role shared by every tenant would sha
 
     const bad = await setup(db.url, role, { secret: SECRET_A, args: ["--no-harden", "activty"] });
     expect(bad.exitCode, describeCli(bad)).toBe(2);
-    expect(bad.stderr).toContain(`--no-harden: unknown item "activty" (items: activity, statistics, pg-stat-statements, large-objects, signals, schema-create, table-privileges, role-settings)`);
+    expect(bad.stderr).toContain(`--no-harden: "activty" is not a hardening item (one of activity, statistics, pg-stat-statements, large-objects, signals, schema-create, table-privileges, role-settings)`);
+  });
+
+  test("--tenant-column names the tenant tables: TRUNCATE and REFERENCES go there, TRIGGER everywhere", async () => {
+    const role = scratch.role("app");
+    const db = await scratch.database();
+    await pg.sql.unsafe(`CREATE ROLE "${role}" LOGIN`);
+    await scratch.as(db.name, (sql) =>
+      sql.unsafe(`CREATE TABLE public.orgs_notes (org_id text NOT NULL, body text);
+                  CREATE TABLE public.plain (x int);
+                  GRANT ALL ON public.orgs_notes, public.plain TO "${role}";`),
+    );
+    const tableLines = (out: string) => lines(out).filter((l) => l.startsWith("table-privileges: "));
+    const plain = await setup(db.url, role, { secret: SECRET_A });
+    expect(tableLines(plain.stdout)).toEqual([
+      `table-privileges: revoked TRIGGER on table public.orgs_notes from PUBLIC and ${role}`,
+      `table-privileges: revoked TRIGGER on table public.plain from PUBLIC and ${role}`,
+    ]);
+    const named = await setup(db.url, role, { secret: SECRET_A, args: ["--tenant-column", "tenant_id", "--tenant-column=org_id"] });
+    expect(named.exitCode, describeCli(named)).toBe(0);
+    expect(tableLines(named.stdout)).toEqual([`table-privileges: revoked REFERENCES, TRUNCATE on tenant table public.orgs_notes from PUBLIC and ${role}`]);
   });
 
   test("--monitoring-role gets the read access PUBLIC loses; one the app role belongs to is refused", async () => {
