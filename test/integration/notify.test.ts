@@ -54,29 +54,23 @@ import { RawPg } from "./fault-helpers.ts";
 
 setDefaultTimeout(120_000);
 
-const SCHEMA = "notify_t";
+/** A function the admin made, which notifies on whatever channel it is given: dynamic SQL the guard cannot see into. */
+const RAW_NOTIFY = "public.notify_test_raw";
 
 let pg: PgInstance;
 let proxy: ProxyHandle;
 
 beforeAll(async () => {
   pg = await startPostgres();
-  // A function the admin made, which notifies on whatever channel it is
-  // given: dynamic SQL the guard cannot see into.
-  await pg.sql.unsafe(`
-    DROP SCHEMA IF EXISTS ${SCHEMA} CASCADE;
-    CREATE SCHEMA ${SCHEMA};
-    GRANT USAGE ON SCHEMA ${SCHEMA} TO ${APP_USER};
-    CREATE FUNCTION ${SCHEMA}.raw_notify(ch text, payload text) RETURNS void LANGUAGE sql AS 'SELECT pg_notify(ch, payload)';
-    GRANT EXECUTE ON FUNCTION ${SCHEMA}.raw_notify(text, text) TO ${APP_USER};
-  `);
+  await pg.sql.unsafe(`CREATE OR REPLACE FUNCTION ${RAW_NOTIFY}(ch text, payload text) RETURNS void LANGUAGE sql AS 'SELECT pg_notify(ch, payload)'`);
+  await pg.sql.unsafe(`GRANT EXECUTE ON FUNCTION ${RAW_NOTIFY}(text, text) TO ${APP_USER}`);
   proxy = await startProxyFor(pg); // the guard is on by default
 });
 
 afterAll(async () => {
   await Promise.all(open.map((l) => l.close()));
   await proxy?.stop();
-  await pg?.sql.unsafe(`DROP SCHEMA IF EXISTS ${SCHEMA} CASCADE`);
+  await pg?.sql.unsafe(`DROP FUNCTION IF EXISTS ${RAW_NOTIFY}(text, text)`);
 });
 
 const userOf = (tenant: string) => `${APP_USER}.${tenant}`;
@@ -361,7 +355,7 @@ describe("across tenants, nothing is delivered", () => {
     await pg.sql.unsafe(`NOTIFY ${ch}, 'raw: admin'`);
     await asTenant(TENANT_B, async (sql) => {
       await sql.unsafe(`DO $$ BEGIN EXECUTE 'SELECT pg_' || 'notify(' || quote_literal('${ch}') || ', ''raw: b dynamic'')'; END $$`);
-      await sql.unsafe(`SELECT ${SCHEMA}.raw_notify('${ch}', 'raw: b function')`);
+      await sql.unsafe(`SELECT ${RAW_NOTIFY}('${ch}', 'raw: b function')`);
     });
     await asTenant(TENANT_A, (sql) => sql.unsafe(`NOTIFY ${ch}, 'a: marker'`));
 
@@ -382,10 +376,10 @@ describe("forms the proxy cannot scope are refused with 42501 and a hint; the se
     ["pg_notify inside a DO block", `DO $$ BEGIN PERFORM pg_notify('x', 'y'); END $$`, /DO block or function body/],
     ["NOTIFY inside a DO block", `DO $$ BEGIN NOTIFY x; END $$`, /DO block or function body/],
     ["LISTEN inside a DO block", `DO $body$ BEGIN IF true THEN LISTEN x; END IF; END $body$`, /DO block or function body/],
-    ["pg_notify in a function body", `CREATE FUNCTION ${SCHEMA}.f() RETURNS void LANGUAGE sql AS $$ SELECT pg_notify('x', 'y') $$`, /DO block or function body/],
-    ["NOTIFY in a procedure body", `CREATE PROCEDURE ${SCHEMA}.p() LANGUAGE plpgsql AS $$ BEGIN NOTIFY x; END $$`, /DO block or function body/],
-    ["pg_notify in a view", `CREATE VIEW ${SCHEMA}.v AS SELECT pg_notify('x', body) FROM notes`, /stored definition/],
-    ["pg_notify in a SQL-standard function body", `CREATE FUNCTION ${SCHEMA}.g() RETURNS void LANGUAGE sql BEGIN ATOMIC SELECT 1; SELECT pg_notify('x', 'y'); END`, /stored definition/],
+    ["pg_notify in a function body", `CREATE FUNCTION notify_f() RETURNS void LANGUAGE sql AS $$ SELECT pg_notify('x', 'y') $$`, /DO block or function body/],
+    ["NOTIFY in a procedure body", `CREATE PROCEDURE notify_p() LANGUAGE plpgsql AS $$ BEGIN NOTIFY x; END $$`, /DO block or function body/],
+    ["pg_notify in a view", `CREATE VIEW notify_v AS SELECT pg_notify('x', body) FROM notes`, /stored definition/],
+    ["pg_notify in a SQL-standard function body", `CREATE FUNCTION notify_g() RETURNS void LANGUAGE sql BEGIN ATOMIC SELECT 1; SELECT pg_notify('x', 'y'); END`, /stored definition/],
   ];
 
   for (const [name, sql, hint] of REFUSED) {

@@ -44,7 +44,7 @@ describe("guard byte filter", () => {
     expect(groups("EXPLAIN ANALYZE select 1")).toBe(STRICT_WORDS);
     expect(groups("lock t")).toBe(STRICT_WORDS);
     expect(groups("begin; lock t; notify x; set role r")).toBe(CONTEXT_WORDS | CHANNEL_WORDS | STRICT_WORDS);
-    expect(groups(`select U&"\0070g_notify"(a, b)`)).toBe(CONTEXT_WORDS | CHANNEL_WORDS | STRICT_WORDS);
+    expect(groups(`select U&"\\0070g_notify"(a, b)`)).toBe(CONTEXT_WORDS | CHANNEL_WORDS | STRICT_WORDS);
     // only the groups asked for
     expect(groups("notify x; set role r", CHANNEL_WORDS)).toBe(CHANNEL_WORDS);
     expect(groups("explain select 1", CONTEXT_WORDS | CHANNEL_WORDS)).toBe(0);
