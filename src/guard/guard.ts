@@ -85,11 +85,11 @@ const encoder = new TextEncoder();
  */
 export function guardMessage(type: number, bytes: Uint8Array, start: number, end: number, o: GuardOptions): GuardResult | undefined {
   const from = start + 5;
-  const body = bytes.subarray(from, end);
-  if (type === FUNCTION_CALL) return guardFunctionCall(body, o);
+  if (type === FUNCTION_CALL) return guardFunctionCall(bytes.subarray(from, end), o);
   if (type !== QUERY && type !== PARSE) return undefined;
   const found = triggerWords(bytes, from, end, watchedWords(o));
   if (found === 0) return undefined;
+  const body = bytes.subarray(from, end);
   const sqlAt = type === PARSE ? cstring(body, 0)[1] : 0;
   const verdict = found & (CONTEXT_WORDS | STRICT_WORDS) ? checkSql(cstring(body, sqlAt)[0], o.names, o.strict) : undefined;
   if (verdict) return refused(type, body, verdict);
@@ -162,27 +162,36 @@ export function triggerWords(b: Uint8Array, from = 0, to = b.length, want = CONT
   };
   let found = 0;
   for (let i = from; i + 1 < n && found !== want; i++) {
-    const c = b[i]! | 0x20;
-    if (c === 0x73 /* s */) {
-      if (at(i, "set")) found |= CONTEXT_WORDS;
-    } else if (c === 0x64 /* d */) {
-      if (at(i, "disc")) found |= CONTEXT_WORDS;
-    } else if (c === 0x72 /* r */) {
-      if (at(i, "role")) found |= CONTEXT_WORDS;
-    } else if (c === 0x75 /* u */) {
-      if (b[i + 1] === 0x26 /* & */) found = want;
-      else if (at(i, "user")) found |= CONTEXT_WORDS;
-    } else if (c === 0x67 /* g */) {
-      if (at(i, "group")) found |= CONTEXT_WORDS;
-    } else if (c === 0x6c /* l */) {
-      if (at(i, "listen")) found |= CHANNEL_WORDS;
-      else if (at(i, "lock")) found |= STRICT_WORDS;
-    } else if (c === 0x6e /* n */) {
-      if (at(i, "notify")) found |= CHANNEL_WORDS;
-    } else if (c === 0x65 /* e */) {
-      if (at(i, "explain")) found |= STRICT_WORDS;
+    // One switch on the lower-cased byte: a byte that starts no word costs
+    // one comparison of the jump table, whatever the number of words.
+    switch (b[i]! | 0x20) {
+      case 0x73 /* s */:
+        if (at(i, "set")) found |= CONTEXT_WORDS & want;
+        break;
+      case 0x64 /* d */:
+        if (at(i, "disc")) found |= CONTEXT_WORDS & want;
+        break;
+      case 0x72 /* r */:
+        if (at(i, "role")) found |= CONTEXT_WORDS & want;
+        break;
+      case 0x75 /* u */:
+        if (b[i + 1] === 0x26 /* & */) found = want;
+        else if (at(i, "user")) found |= CONTEXT_WORDS & want;
+        break;
+      case 0x67 /* g */:
+        if (at(i, "group")) found |= CONTEXT_WORDS & want;
+        break;
+      case 0x6c /* l */:
+        if (at(i, "listen")) found |= CHANNEL_WORDS & want;
+        else if (at(i, "lock")) found |= STRICT_WORDS & want;
+        break;
+      case 0x6e /* n */:
+        if (at(i, "notify")) found |= CHANNEL_WORDS & want;
+        break;
+      case 0x65 /* e */:
+        if (at(i, "explain")) found |= STRICT_WORDS & want;
+        break;
     }
-    found &= want;
   }
   return found;
 }
