@@ -141,11 +141,7 @@ function planStatement(
     if (v) return v;
   }
   if (SIGNATURE_HEADS.has(head ?? "")) return undefined;
-  for (let k = pgNotifyAt(t, a, b); k >= 0; k = pgNotifyAt(t, k + 1, b)) {
-    const v = planPgNotify(t, at, k, b, prefix, edits);
-    if (v) return v;
-  }
-  return undefined;
+  return planPgNotifyCalls(t, at, a, b, prefix, edits);
 }
 
 const CHANNEL_COMMANDS = new Set(["listen", "unlisten", "notify"]);
@@ -183,36 +179,53 @@ function planChannelCommand(sql: string, t: Token[], at: number[], a: number, b:
   return undefined;
 }
 
-/** pg_notify(<first>, …) at token `k`: wrap the first argument. */
-function planPgNotify(t: Token[], at: number[], k: number, b: number, prefix: string, edits: Edit[]): Verdict | undefined {
-  const first = k + 2; // past the name and "("
-  let depth = 0;
-  let j = first;
-  for (; j < b; j++) {
+/**
+ * Every pg_notify(<first>, …) call in tokens [a, b): wrap its first
+ * argument. One pass with a stack of open brackets, so that calls nested
+ * in each other's arguments cost no more than the tokens they span: the
+ * first argument ends at the first comma inside the call's own
+ * parenthesis, or at its closing parenthesis.
+ */
+function planPgNotifyCalls(t: Token[], at: number[], a: number, b: number, prefix: string, edits: Edit[]): Verdict | undefined {
+  // Open brackets, innermost last: where a pg_notify call's first argument
+  // starts (-1 for other brackets, and once the argument has ended).
+  const open: number[] = [];
+  let calls = 0;
+  for (let j = a; j < b; j++) {
     const x = t[j]!;
     if (x.kind !== "op") continue;
-    if (x.value === "(" || x.value === "[") depth++;
-    else if (x.value === ")" || x.value === "]") {
-      if (depth === 0) break;
-      depth--;
-    } else if (x.value === "," && depth === 0) break;
+    if (x.value === "(" || x.value === "[") {
+      const call = x.value === "(" && j > a && isPgNotifyName(t[j - 1]!);
+      open.push(call ? j + 1 : -1);
+      if (call) calls++;
+      continue;
+    }
+    const closes = x.value === ")" || x.value === "]";
+    if (!closes && x.value !== ",") continue;
+    const first = open.length > 0 ? open[open.length - 1]! : -1;
+    if (closes) open.pop();
+    else if (first >= 0) open[open.length - 1] = -1;
+    if (first < 0) continue;
+    calls--;
+    if (j === first) return refuse(t.slice(first - 2, b), 0, NO_ARGUMENT, ARGUMENT_HINT, "channel");
+    // Schema-qualified operator and type: the session's search_path cannot
+    // put something else in their place.
+    edits.push({ from: at[2 * first]!, to: at[2 * first]!, text: `'${prefix}'::pg_catalog.text OPERATOR(pg_catalog.||) NULLIF((` });
+    edits.push({ from: at[2 * (j - 1) + 1]!, to: at[2 * (j - 1) + 1]!, text: ")::pg_catalog.text, '')" });
   }
-  if (j >= b || j === first) {
-    return refuse(t.slice(k, b), 0, "multigres cannot find the channel (the first argument) of this pg_notify() call", ARGUMENT_HINT, "channel");
-  }
-  // Schema-qualified operator and type: the session's search_path cannot
-  // put something else in their place.
-  edits.push({ from: at[2 * first]!, to: at[2 * first]!, text: `'${prefix}'::pg_catalog.text OPERATOR(pg_catalog.||) NULLIF((` });
-  edits.push({ from: at[2 * (j - 1) + 1]!, to: at[2 * (j - 1) + 1]!, text: ")::pg_catalog.text, '')" });
+  // A call whose first argument never ended: the statement ends inside it.
+  if (calls > 0) return refuse(t.slice(a, b), 0, NO_ARGUMENT, ARGUMENT_HINT, "channel");
   return undefined;
 }
 
+const NO_ARGUMENT = "multigres cannot find the channel (the first argument) of this pg_notify() call";
+
+/** pg_notify as a function name: unquoted in any case, or quoted exactly. */
+const isPgNotifyName = (x: Token) => (x.kind === "word" || x.kind === "ident") && x.value === "pg_notify";
+
 /** The next `pg_notify (` from token `from`, or -1: the name unquoted in any case, or quoted exactly. */
 function pgNotifyAt(t: Token[], from: number, to: number): number {
-  for (let k = from; k + 1 < to; k++) {
-    const x = t[k]!;
-    if ((x.kind === "word" || x.kind === "ident") && x.value === "pg_notify" && t[k + 1]!.kind === "op" && t[k + 1]!.value === "(") return k;
-  }
+  for (let k = from; k + 1 < to; k++) if (isPgNotifyName(t[k]!) && t[k + 1]!.kind === "op" && t[k + 1]!.value === "(") return k;
   return -1;
 }
 

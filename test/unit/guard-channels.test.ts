@@ -120,6 +120,15 @@ describe("pg_notify", () => {
     expect(rewritten(sql)).toBe(expected);
   });
 
+  test("calls nested in each other's first arguments are each wrapped once (read in one pass)", () => {
+    const depth = 3000;
+    const sql = `select ${"pg_notify(".repeat(depth)}'a'${", 'p')".repeat(depth)}`;
+    const r = rewritten(sql);
+    expect(r.split(`'${P}'::pg_catalog.text`).length - 1).toBe(depth);
+    expect(r.split(")::pg_catalog.text, '')").length - 1).toBe(depth);
+    expect(r.endsWith(`'a')::pg_catalog.text, ''), 'p')${")::pg_catalog.text, ''), 'p')".repeat(depth - 1)}`)).toBe(true);
+  });
+
   test.each(["select pg_notify()", "select pg_notify(, 'x')", "select pg_notify(", "select pg_notify((('a', 'b')"])("%s is refused: no first argument to scope", (sql) => {
     const v = refusal(sql);
     expect(v.hint).toContain("first argument");
