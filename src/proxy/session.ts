@@ -128,7 +128,8 @@ export class Session implements ServerOwner {
    * protocol/notification.ts); everything else passes as it came.
    */
   private notifications: MessageScanner | undefined;
-  private channelPrefix: Uint8Array = DROPPED;
+  /** The session's channel prefix, as bytes (set with `notifications`). */
+  private channelPrefix = new Uint8Array(0);
   /** Transaction status and whether a query is in flight (transparent state). */
   private tracker: QueryTracker | undefined;
   private lastClientActivity = performance.now();
