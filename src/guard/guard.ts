@@ -181,15 +181,16 @@ export function triggerWords(b: Uint8Array, from = 0, to = b.length, want = CONT
       case 0x67 /* g */:
         if (at(i, "group")) found |= CONTEXT_WORDS & want;
         break;
+      // Frequent letters: their words are looked at only when wanted.
       case 0x6c /* l */:
-        if (at(i, "listen")) found |= CHANNEL_WORDS & want;
-        else if (at(i, "lock")) found |= STRICT_WORDS & want;
+        if (want & CHANNEL_WORDS && at(i, "listen")) found |= CHANNEL_WORDS;
+        else if (want & STRICT_WORDS && at(i, "lock")) found |= STRICT_WORDS;
         break;
       case 0x6e /* n */:
-        if (at(i, "notify")) found |= CHANNEL_WORDS & want;
+        if (want & CHANNEL_WORDS && at(i, "notify")) found |= CHANNEL_WORDS;
         break;
       case 0x65 /* e */:
-        if (at(i, "explain")) found |= STRICT_WORDS & want;
+        if (want & STRICT_WORDS && at(i, "explain")) found |= STRICT_WORDS;
         break;
     }
   }
