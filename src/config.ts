@@ -83,8 +83,8 @@ export const ConfigSchema = v.object({
   contextSecret: secret("`multigres setup` generates one"),
   contextSecretFile: v.optional(v.string()),
   guard: v.pipe(
-    v.union([v.boolean(), v.picklist(["on", "off", "true", "false"], 'must be "on" or "off"')]),
-    v.transform((x) => x === true || x === "on" || x === "true"),
+    v.union([v.boolean(), v.picklist(["on", "off", "strict", "true", "false"], 'must be "on", "off" or "strict"')], 'must be "on", "off" or "strict"'),
+    v.transform((x): "off" | "on" | "strict" => (x === "strict" ? "strict" : x === true || x === "on" || x === "true" ? "on" : "off")),
   ),
   guardMaxStatement: v.pipe(
     v.union([v.number(), v.pipe(v.string(), v.regex(/^\d+$/, "must be a whole number of bytes"))]),
@@ -146,7 +146,7 @@ export const OPTIONS: readonly Option[] = [
   { key: "startupTimeout", flag: "startup-timeout", file: "startup_timeout", env: "MULTIGRES_STARTUP_TIMEOUT", default: "15000", description: "Milliseconds a client has to finish startup and authentication (0 = no limit)" },
   { key: "contextSecret", file: "context_secret", env: "MULTIGRES_CONTEXT_SECRET", description: "Secret the tenant context is signed with (environment or file only; never logged)" },
   { key: "contextSecretFile", flag: "context-secret-file", file: "context_secret_file", env: "MULTIGRES_CONTEXT_SECRET_FILE", description: "File holding the context secret instead; re-read on SIGHUP, which is how a secret is rotated" },
-  { key: "guard", flag: "guard", file: "guard", env: "MULTIGRES_GUARD", default: "on", description: "Refuse statements that change the role or the tenant context (42501) before they reach the server: on or off" },
+  { key: "guard", flag: "guard", file: "guard", env: "MULTIGRES_GUARD", default: "on", description: "Read tenants' SQL before it reaches the server: \"on\" refuses statements that change the role or the tenant context (42501) and scopes LISTEN/NOTIFY channels per tenant; \"strict\" also refuses EXPLAIN ANALYZE and LOCK above ROW EXCLUSIVE; \"off\" reads nothing (channels shared by all tenants, as in PostgreSQL)" },
   { key: "guardMaxStatement", flag: "guard-max-statement", file: "guard_max_statement", env: "MULTIGRES_GUARD_MAX_STATEMENT", default: "1048576", description: "Largest statement the guard reads (bytes); a larger one that might change the role or context is refused (54000)" },
   { key: "logLevel", flag: "log-level", file: "log_level", env: "MULTIGRES_LOG_LEVEL", default: "info", description: "silent, error, warn, info, debug or trace" },
   { key: "logFormat", flag: "log-format", file: "log_format", env: "MULTIGRES_LOG_FORMAT", default: "pretty", description: "pretty (for terminals) or json (one object per line)" },

@@ -6,10 +6,13 @@
  * and the server itself produces the error, so the reply has the shape the
  * client expects and the transaction state stays right (an error inside a
  * transaction block aborts it, as the refused statement would have).
+ * Statements that use LISTEN/NOTIFY channels are rewritten instead, to the
+ * session's channels (guard/channels.ts).
  */
 import { concat } from "../protocol/messages.ts";
 import type { OversizeSink } from "../protocol/scanner.ts";
-import { checkSql, type Verdict } from "./rules.ts";
+import { scopeChannels } from "./channels.ts";
+import { checkSql, type RefusalKind, type Verdict } from "./rules.ts";
 
 const QUERY = 0x51; // 'Q'
 const PARSE = 0x50; // 'P'
@@ -36,6 +39,39 @@ export const LEX_OFF_LOOP_ABOVE = 32 * 1024;
 
 /** pg_catalog.set_config(text, text, boolean): its OID is fixed in every release. */
 const SET_CONFIG_OID = 2078;
+/** pg_catalog.pg_notify(text, text), likewise. */
+const PG_NOTIFY_OID = 3036;
+
+/** What the guard reads a tenant session's statements against. */
+export interface GuardOptions {
+  /** The protected settings (rules.ts, protectedSettings). */
+  names: readonly string[];
+  /** --guard strict: also EXPLAIN ANALYZE and LOCK above ROW EXCLUSIVE. */
+  strict: boolean;
+  /** The session's channel prefix (tenant/context.ts): LISTEN/NOTIFY are scoped to it. */
+  channelPrefix?: string;
+}
+
+/** What replaces a message: a refusal (of which kind, for the log) or a rewrite. */
+export interface GuardResult {
+  bytes: Uint8Array;
+  /** Absent for a rewrite (the statement goes on, changed). */
+  refused?: RefusalKind;
+}
+
+/**
+ * Words the byte filter looks for, by the rules that need them (a bit
+ * each): those of the role and context rules, those of channels
+ * (listen, notify), those of --guard strict (explain, lock).
+ */
+export const CONTEXT_WORDS = 1;
+export const CHANNEL_WORDS = 2;
+export const STRICT_WORDS = 4;
+
+/** The filter bits a session with these options needs. */
+export function watchedWords(o: GuardOptions): number {
+  return CONTEXT_WORDS | (o.channelPrefix ? CHANNEL_WORDS : 0) | (o.strict ? STRICT_WORDS : 0);
+}
 
 export const guardWatches = (type: number) => type === QUERY || type === PARSE || type === FUNCTION_CALL;
 
@@ -43,71 +79,132 @@ const decoder = new TextDecoder("utf-8", { ignoreBOM: true }); // a leading U+FE
 const encoder = new TextEncoder();
 
 /**
- * Returns the replacement for a forbidden message, `bytes[start, end)`, or
- * undefined to pass it on. Ordinary queries cost one pass of the byte
- * filter and no allocation.
+ * Returns what replaces a message, `bytes[start, end)` (a refusal or a
+ * rewrite), or undefined to pass it on. Ordinary queries cost one pass of
+ * the byte filter and no allocation.
  */
-export function guardMessage(
-  type: number,
-  bytes: Uint8Array,
-  start: number,
-  end: number,
-  protectedNames: readonly string[],
-): Uint8Array | undefined {
+export function guardMessage(type: number, bytes: Uint8Array, start: number, end: number, o: GuardOptions): GuardResult | undefined {
   const from = start + 5;
-  if (type !== FUNCTION_CALL && !mayBeForbidden(bytes, from, end)) return undefined;
+  if (type === FUNCTION_CALL) return guardFunctionCall(bytes.subarray(from, end), o);
+  if (type !== QUERY && type !== PARSE) return undefined;
+  const found = triggerWords(bytes, from, end, watchedWords(o));
+  if (found === 0) return undefined;
   const body = bytes.subarray(from, end);
-  if (type === QUERY) {
-    const verdict = checkSql(cstring(body, 0)[0], protectedNames);
-    return verdict && frame(QUERY, [encoder.encode(refusal(verdict)), Uint8Array.of(0)]);
+  const sqlAt = type === PARSE ? cstring(body, 0)[1] : 0;
+  const verdict = found & (CONTEXT_WORDS | STRICT_WORDS) ? checkSql(cstring(body, sqlAt)[0], o.names, o.strict) : undefined;
+  if (verdict) return refused(type, body, verdict);
+  if (!(found & CHANNEL_WORDS) || !o.channelPrefix) return undefined;
+  // Rewritten text must give back every byte it does not change: read as
+  // UTF-8 when it is, else a character per byte (see channels.ts).
+  const nul = body.indexOf(0, sqlAt);
+  const raw = body.subarray(sqlAt, nul < 0 ? body.length : nul);
+  const utf8 = decodeUtf8(raw);
+  const scoped = scopeChannels(utf8 ?? Buffer.from(raw).toString("latin1"), o.channelPrefix, utf8 === undefined ? "bytes" : "utf8");
+  if (scoped === undefined) return undefined;
+  if (typeof scoped !== "string") return refused(type, body, { ...scoped, kind: "channel" });
+  const sql = utf8 === undefined ? Buffer.from(scoped, "latin1") : encoder.encode(scoped);
+  // Query: the new SQL. Parse: the same name, the new SQL, the same parameter types.
+  const rest = type === PARSE && nul >= 0 ? body.subarray(nul + 1) : new Uint8Array(0);
+  return { bytes: frame(type, [body.subarray(0, sqlAt), sql, Uint8Array.of(0), rest]) };
+}
+
+const utf8Decoder = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
+/** The text, if the bytes are valid UTF-8 (then it encodes back to exactly them). */
+function decodeUtf8(bytes: Uint8Array): string | undefined {
+  try {
+    return utf8Decoder.decode(bytes);
+  } catch {
+    return undefined;
   }
-  if (type === PARSE) {
-    const verdict = checkSql(cstring(body, cstring(body, 0)[1])[0], protectedNames);
-    return verdict && refuseParse(body, verdict);
+}
+
+function refused(type: number, body: Uint8Array, verdict: Verdict): GuardResult {
+  const bytes = type === PARSE ? refuseParse(body, verdict) : frame(QUERY, [encoder.encode(refusal(verdict)), Uint8Array.of(0)]);
+  return { bytes, refused: verdict.kind ?? "context" };
+}
+
+/** FunctionCall ('F') carries no SQL, only a function's OID: two are refused by it. */
+function guardFunctionCall(body: Uint8Array, o: GuardOptions): GuardResult | undefined {
+  if (body.length < 4) return undefined;
+  const oid = new DataView(body.buffer, body.byteOffset, 4).getInt32(0);
+  if (oid === SET_CONFIG_OID) {
+    return refused(QUERY, body, { statement: "FunctionCall set_config", reason: "set_config() by function call is not allowed through multigres", kind: "context" });
   }
-  if (type === FUNCTION_CALL && body.length >= 4) {
-    const oid = new DataView(body.buffer, body.byteOffset, 4).getInt32(0);
-    if (oid !== SET_CONFIG_OID) return undefined;
-    const verdict = { statement: "FunctionCall set_config", reason: "set_config() by function call is not allowed through multigres" };
-    return frame(QUERY, [encoder.encode(refusal(verdict)), Uint8Array.of(0)]);
+  if (oid === PG_NOTIFY_OID && o.channelPrefix) {
+    return refused(QUERY, body, {
+      statement: "FunctionCall pg_notify",
+      reason: "pg_notify() by function call cannot be scoped to the tenant's channels",
+      hint: "call pg_notify in SQL instead (SELECT pg_notify(channel, payload), bind parameters welcome), which multigres scopes to the tenant",
+      kind: "channel",
+    });
   }
   return undefined;
 }
 
 /**
- * The hot-path filter, on raw bytes, before anything is decoded: every
- * forbidden statement contains "set" (SET, RESET, set_config, ALTER … SET),
- * "discard", "role", "user" or "group" (ALTER/CREATE/DROP ROLE), in any
- * case, unless it hides a name in U&"…" escapes. Most queries contain none
- * of these and cost one pass over their bytes.
+ * The hot-path filter, on raw bytes, before anything is decoded: which of
+ * the `want`ed groups of words (CONTEXT_WORDS …) the bytes contain, in any
+ * case. Every statement the role and context rules refuse contains "set"
+ * (SET, RESET, set_config, ALTER … SET), "discard", "role", "user" or
+ * "group" (ALTER/CREATE/DROP ROLE); every one that uses a channel "listen"
+ * or "notify" (UNLISTEN, pg_notify); every one --guard strict refuses
+ * "explain" or "lock". A name can hide from all of them only in U&"…"
+ * escapes, so "u&" counts for every group. Most queries contain none of
+ * these: one pass over their bytes, no allocation, and it stops as soon
+ * as every wanted group is found.
  */
-export function mayBeForbidden(b: Uint8Array, from = 0, to = b.length): boolean {
+export function triggerWords(b: Uint8Array, from = 0, to = b.length, want = CONTEXT_WORDS | CHANNEL_WORDS | STRICT_WORDS): number {
   const n = to;
   const at = (i: number, word: string) => {
     if (i + word.length > n) return false;
     for (let k = 1; k < word.length; k++) if ((b[i + k]! | 0x20) !== word.charCodeAt(k)) return false;
     return true;
   };
-  for (let i = from; i + 1 < n; i++) {
-    const c = b[i]! | 0x20;
-    if (c === 0x73 /* s */) {
-      if (at(i, "set")) return true;
-    } else if (c === 0x64 /* d */) {
-      if (at(i, "disc")) return true;
-    } else if (c === 0x72 /* r */) {
-      if (at(i, "role")) return true;
-    } else if (c === 0x75 /* u */) {
-      if (b[i + 1] === 0x26 /* & */ || at(i, "user")) return true;
-    } else if (c === 0x67 /* g */) {
-      if (at(i, "group")) return true;
+  let found = 0;
+  for (let i = from; i + 1 < n && found !== want; i++) {
+    // One switch on the lower-cased byte: a byte that starts no word costs
+    // one comparison of the jump table, whatever the number of words.
+    switch (b[i]! | 0x20) {
+      case 0x73 /* s */:
+        if (at(i, "set")) found |= CONTEXT_WORDS & want;
+        break;
+      case 0x64 /* d */:
+        if (at(i, "disc")) found |= CONTEXT_WORDS & want;
+        break;
+      case 0x72 /* r */:
+        if (at(i, "role")) found |= CONTEXT_WORDS & want;
+        break;
+      case 0x75 /* u */:
+        if (b[i + 1] === 0x26 /* & */) found = want;
+        else if (at(i, "user")) found |= CONTEXT_WORDS & want;
+        break;
+      case 0x67 /* g */:
+        if (at(i, "group")) found |= CONTEXT_WORDS & want;
+        break;
+      // Frequent letters: their words are looked at only when wanted.
+      case 0x6c /* l */:
+        if (want & CHANNEL_WORDS && at(i, "listen")) found |= CHANNEL_WORDS;
+        else if (want & STRICT_WORDS && at(i, "lock")) found |= STRICT_WORDS;
+        break;
+      case 0x6e /* n */:
+        if (want & CHANNEL_WORDS && at(i, "notify")) found |= CHANNEL_WORDS;
+        break;
+      case 0x65 /* e */:
+        if (want & STRICT_WORDS && at(i, "explain")) found |= STRICT_WORDS;
+        break;
     }
   }
-  return false;
+  return found;
+}
+
+/** Whether the bytes may hold a statement the role and context rules refuse (the filter's first group). */
+export function mayBeForbidden(b: Uint8Array, from = 0, to = b.length): boolean {
+  return triggerWords(b, from, to, CONTEXT_WORDS) !== 0;
 }
 
 /** Whether a watched message needs the lexer (the byte filter could not clear it). */
-export function needsLexing(type: number, bytes: Uint8Array, start: number, end: number): boolean {
-  return type !== FUNCTION_CALL && mayBeForbidden(bytes, start + 5, end);
+export function needsLexing(type: number, bytes: Uint8Array, start: number, end: number, o: GuardOptions): boolean {
+  return type !== FUNCTION_CALL && triggerWords(bytes, start + 5, end, watchedWords(o)) !== 0;
 }
 
 /**
@@ -183,7 +280,7 @@ function refusal(v: Verdict, code = "42501"): string {
   return (
     `DO $multigres_guard$ BEGIN RAISE EXCEPTION USING ERRCODE = '${code}', ` +
     `MESSAGE = ${literal(`multigres: ${v.reason}`)}, ` +
-    `HINT = ${literal("the role and the tenant context are fixed for the connection; connect as another <role>.<tenant> instead")}; ` +
+    `HINT = ${literal(v.hint ?? "the role and the tenant context are fixed for the connection; connect as another <role>.<tenant> instead")}; ` +
     "END $multigres_guard$"
   );
 }

@@ -110,13 +110,20 @@ function skipSpace(sql: string, i: number): number {
  * @param backslashStrings read '' strings the way the server does when
  *   standard_conforming_strings is off (backslash escapes). A session can
  *   switch that setting, so the guard checks both readings.
+ * @param positions when given, receives each token's start and end (UTF-16
+ *   offsets into `sql`, end exclusive) as two numbers per token, in order:
+ *   `positions[2k]`, `positions[2k + 1]` for `tokens[k]`. Kept apart from
+ *   the tokens so that punctuation tokens stay shared objects and a check
+ *   that needs no positions pays nothing for them.
  */
-export function lex(sql: string, backslashStrings = false): Token[] {
+export function lex(sql: string, backslashStrings = false, positions?: number[]): Token[] {
   const tokens: Token[] = [];
   const backslash = new NextFinder(sql);
   let i = 0;
   const n = sql.length;
   while (i < n) {
+    // Each turn of the loop reads at most one token, starting at `start`.
+    const start = i;
     const c = sql[i]!;
     const next = sql[i + 1];
 
@@ -181,6 +188,7 @@ export function lex(sql: string, backslashStrings = false): Token[] {
       tokens.push(op(c));
       i++;
     }
+    if (positions && tokens.length * 2 > positions.length) positions.push(start, i);
   }
   return tokens;
 }

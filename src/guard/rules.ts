@@ -10,6 +10,21 @@ export interface Verdict {
   /** What was refused, for the error message. */
   statement: string;
   reason: string;
+  /** What the client can do instead (the error's HINT); a default when absent. */
+  hint?: string;
+  /** Which rule refused it, for the log (which never echoes the statement). */
+  kind?: RefusalKind;
+}
+
+/** context: the role or the tenant context; channel: LISTEN/NOTIFY (guard/channels.ts); strict: --guard strict. */
+export type RefusalKind = "context" | "channel" | "strict";
+
+/** What the rules read a statement against. */
+export interface RuleOptions {
+  /** The protected settings (protectedSettings()). */
+  names: readonly string[];
+  /** --guard strict: also refuse EXPLAIN ANALYZE and LOCK above ROW EXCLUSIVE. */
+  strict?: boolean;
 }
 
 /** Settings that establish identity: the tenant context, its signature, the role. */
@@ -17,25 +32,26 @@ export function protectedSettings(tenantSetting: string, signatureSetting: strin
   return [tenantSetting, signatureSetting, "role", "session_authorization"].map((s) => s.toLowerCase());
 }
 
-export function checkSql(sql: string, protectedNames: readonly string[]): Verdict | undefined {
+export function checkSql(sql: string, protectedNames: readonly string[], strict = false): Verdict | undefined {
+  const o: RuleOptions = { names: protectedNames, strict };
   // Both readings of '' strings (a session may turn standard_conforming_strings
   // off); they differ only where a backslash appears.
-  return check(lex(sql, false), protectedNames, 0) ?? (sql.includes("\\") ? check(lex(sql, true), protectedNames, 0) : undefined);
+  return check(lex(sql, false), o, 0) ?? (sql.includes("\\") ? check(lex(sql, true), o, 0) : undefined);
 }
 
-function check(tokens: Token[], names: readonly string[], depth: number): Verdict | undefined {
+function check(tokens: Token[], o: RuleOptions, depth: number): Verdict | undefined {
   for (const stmt of statements(tokens)) {
-    const v = checkStatement(stmt, names, depth);
+    const v = checkStatement(stmt, o, depth);
     if (v) return v;
   }
   return undefined;
 }
 
 /** Words after which a PL/pgSQL body starts a statement without a semicolon. */
-const BLOCK_STARTS = new Set(["begin", "then", "else", "loop"]);
+export const BLOCK_STARTS = new Set(["begin", "then", "else", "loop"]);
 
-function checkStatement(t: Token[], names: readonly string[], depth: number): Verdict | undefined {
-  const v = checkHead(t, 0, names);
+function checkStatement(t: Token[], o: RuleOptions, depth: number): Verdict | undefined {
+  const v = checkHead(t, 0, o) ?? (o.strict ? checkExplain(t) : undefined);
   if (v) return v;
   if (depth > 0) {
     // Inside a function body `BEGIN SET ROLE …` or `IF … THEN RESET ALL`
@@ -45,16 +61,17 @@ function checkStatement(t: Token[], names: readonly string[], depth: number): Ve
     for (let j = 1; j < t.length; j++) {
       const prev = t[j - 1]!;
       if (prev.kind === "word" && BLOCK_STARTS.has(prev.value)) {
-        const w = checkHead(t, j, names);
+        const w = checkHead(t, j, o);
         if (w) return w;
       }
     }
   }
-  return checkSetConfig(t, names) ?? checkBodies(t, names, depth);
+  return checkSetConfig(t, o.names) ?? checkBodies(t, o, depth);
 }
 
 /** The statement forms recognised by their first words, from token `at`. */
-function checkHead(t: Token[], at: number, names: readonly string[]): Verdict | undefined {
+function checkHead(t: Token[], at: number, o: RuleOptions): Verdict | undefined {
+  const names = o.names;
   const word = (i: number) => (t[at + i]?.kind === "word" ? t[at + i]!.value : undefined);
   let i = 0;
   const head = word(0);
@@ -100,7 +117,102 @@ function checkHead(t: Token[], at: number, names: readonly string[]): Verdict | 
       }
     }
   }
+  if (o.strict && head === "lock") return checkLock(t, at);
   return undefined;
+}
+
+const STRICT_HINT = "the proxy runs with --guard strict, which keeps tenants from statements that reveal or hold up other tenants' work";
+
+/**
+ * --guard strict: EXPLAIN ANALYZE in every spelling. It runs the statement
+ * and reports "Rows Removed by Filter", which counts the rows row-level
+ * security hid: other tenants' rows, counted. Plain EXPLAIN and ANALYZE
+ * false|off|0 run nothing and pass. Looked for at every EXPLAIN, not only
+ * at statement starts, so PL/pgSQL's FOR … IN EXPLAIN and RETURN QUERY
+ * EXPLAIN are caught too; each option list is read once (linear).
+ */
+function checkExplain(t: Token[]): Verdict | undefined {
+  for (let k = 0; k < t.length; k++) {
+    if (t[k]!.kind !== "word" || t[k]!.value !== "explain") continue;
+    if (explainAnalyzes(t, k + 1)) {
+      return refuse(t, k, "EXPLAIN ANALYZE is not allowed under --guard strict: its row counts include rows row-level security hides", STRICT_HINT + "; plain EXPLAIN (without ANALYZE) is allowed", "strict");
+    }
+  }
+  return undefined;
+}
+
+const ANALYZE_WORDS = new Set(["analyze", "analyse"]);
+
+/** Whether the EXPLAIN whose options start at token `j` would run the statement. */
+function explainAnalyzes(t: Token[], j: number): boolean {
+  const w = (i: number) => (t[i]?.kind === "word" ? t[i]!.value : undefined);
+  // EXPLAIN ANALYZE [VERBOSE] …, and (not valid, refused all the same) EXPLAIN VERBOSE ANALYZE
+  if (ANALYZE_WORDS.has(w(j) ?? "") || (w(j) === "verbose" && ANALYZE_WORDS.has(w(j + 1) ?? ""))) return true;
+  if (t[j]?.kind !== "op" || t[j]!.value !== "(") return false;
+  // EXPLAIN ( option [value] [, …] ): ANALYZE without a value, or with any
+  // value but false|off|0, runs the statement (the last one wins; any
+  // one that might be true is enough). A list the guard cannot read is
+  // refused: the server would reject it anyway.
+  let i = j + 1;
+  for (;;) {
+    const name = t[i];
+    if (!name || (name.kind !== "word" && name.kind !== "ident")) return true;
+    // A quoted "analyze" is the same option (quoted names are not folded: "ANALYZE" is none).
+    const isAnalyze = ANALYZE_WORDS.has(name.value);
+    const value: Token[] = [];
+    for (i++; i < t.length; i++) {
+      const x = t[i]!;
+      if (x.kind === "op" && (x.value === "," || x.value === ")")) break;
+      if (x.kind === "op" && x.value !== "+" && x.value !== "-") return true;
+      value.push(x);
+    }
+    if (i >= t.length) return true;
+    if (isAnalyze && !isFalse(value)) return true;
+    if (t[i]!.value === ")") return false;
+    i++;
+  }
+}
+
+/** false, off or 0, as PostgreSQL's defGetBoolean reads an option value. */
+function isFalse(value: Token[]): boolean {
+  if (value.length !== 1) return false;
+  const v = value[0]!;
+  if (v.kind === "number") return /^0+$/.test(v.value);
+  if (v.kind === "word" || v.kind === "string" || v.kind === "ident") return v.value.toLowerCase() === "false" || v.value.toLowerCase() === "off";
+  return false;
+}
+
+/** LOCK modes that conflict with no ordinary reads or writes of other sessions. */
+const HARMLESS_LOCK_MODES = new Set(["access share", "row share", "row exclusive"]);
+
+/**
+ * --guard strict: LOCK [TABLE] [ONLY] name [, …] [IN mode MODE] [NOWAIT]
+ * above ROW EXCLUSIVE. Every tenant shares the tables, so SHARE and above
+ * stall every other tenant's writes (ACCESS EXCLUSIVE, the default, even
+ * their reads) for as long as the transaction stays open.
+ */
+function checkLock(t: Token[], at: number): Verdict | undefined {
+  // The statement runs to its semicolon; table names cannot be an unquoted
+  // IN (a reserved word), so the first IN starts the mode. In a body the
+  // next block start ends the search too, so that a body of many LOCKs is
+  // read once, not once per LOCK (a table named BEGIN, unquoted, reads as
+  // no mode: refused, never let through).
+  let j = at + 1;
+  for (; j < t.length; j++) {
+    const x = t[j]!;
+    if (x.kind === "word" && (x.value === "in" || BLOCK_STARTS.has(x.value))) break;
+  }
+  const mode: string[] = [];
+  if (t[j]?.value === "in") for (j++; j < t.length && mode.length < 4 && t[j]!.kind === "word" && t[j]!.value !== "mode"; j++) mode.push(t[j]!.value);
+  const named = mode.join(" ");
+  if (HARMLESS_LOCK_MODES.has(named)) return undefined;
+  return refuse(
+    t,
+    at,
+    `LOCK in ${named ? named.toUpperCase() : "ACCESS EXCLUSIVE (the default)"} mode is not allowed under --guard strict: every tenant shares the table`,
+    `${STRICT_HINT}; LOCK … IN ROW EXCLUSIVE MODE (or ROW SHARE, ACCESS SHARE) is allowed, and SELECT … FOR UPDATE locks just the rows`,
+    "strict",
+  );
 }
 
 const ROUTINE_WORDS = new Set(["function", "procedure", "routine"]);
@@ -166,18 +278,28 @@ function checkSetConfig(t: Token[], names: readonly string[]): Verdict | undefin
 }
 
 /** DO blocks and function bodies: look inside once (dynamic SQL built at run time is left to the database check). */
-function checkBodies(t: Token[], names: readonly string[], depth: number): Verdict | undefined {
-  const head = t[0]?.kind === "word" ? t[0].value : undefined;
-  const hasBody = head === "do" || (head === "create" && t.some((x) => x.kind === "word" && (x.value === "function" || x.value === "procedure")));
-  if (hasBody && depth === 0) {
+function checkBodies(t: Token[], o: RuleOptions, depth: number): Verdict | undefined {
+  if (hasBody(t) && depth === 0) {
     for (const tok of t) {
       if (tok.kind === "string") {
-        const inner = check(lex(tok.value), names, depth + 1) ?? (tok.value.includes("\\") ? check(lex(tok.value, true), names, depth + 1) : undefined);
+        const inner = check(lex(tok.value), o, depth + 1) ?? (tok.value.includes("\\") ? check(lex(tok.value, true), o, depth + 1) : undefined);
         if (inner) return inner;
       }
     }
   }
   return undefined;
+}
+
+/** A DO block, or CREATE … FUNCTION|PROCEDURE: its string literals are code that runs later. */
+export function hasBody(t: readonly Token[], from = 0, to = t.length): boolean {
+  const head = t[from]?.kind === "word" ? t[from]!.value : undefined;
+  if (head === "do") return true;
+  if (head !== "create") return false;
+  for (let k = from + 1; k < to; k++) {
+    const x = t[k]!;
+    if (x.kind === "word" && (x.value === "function" || x.value === "procedure")) return true;
+  }
+  return false;
 }
 
 /** The setting name starting at token i: `name`, `"name"`, `a.b`, `"a"."b"`. */
@@ -192,11 +314,11 @@ function settingName(t: Token[], i: number): string | undefined {
   return name.toLowerCase();
 }
 
-function refuse(t: Token[], at: number, reason: string): Verdict {
+export function refuse(t: readonly Token[], at: number, reason: string, hint?: string, kind: RefusalKind = "context"): Verdict {
   const shown = t
     .slice(at, at + 6)
     .map((x) => (x.kind === "string" ? "'…'" : x.kind === "ident" ? `"${x.value}"` : x.kind === "word" ? x.value.toUpperCase() : x.value))
     .join(" ")
     .replace(/ ?([.(]) ?/g, "$1");
-  return { statement: t.length - at > 6 ? `${shown} …` : shown, reason };
+  return { statement: t.length - at > 6 ? `${shown} …` : shown, reason, hint, kind };
 }

@@ -15,33 +15,33 @@
  * checked on the main thread: slower, never unchecked.
  */
 import { log } from "../log.ts";
-import { guardMessage } from "./guard.ts";
+import { guardMessage, type GuardOptions, type GuardResult } from "./guard.ts";
 
 interface Request {
   id: number;
   type: number;
   message: Uint8Array;
-  names: readonly string[];
+  options: GuardOptions;
 }
 
 interface Reply {
   id: number;
-  replacement: Uint8Array | null;
+  result: GuardResult | null;
 }
 
-/** Worker side: answer each request with guardMessage's verdict. */
+/** Worker side: answer each request with guardMessage's verdict (a refusal or a rewrite). */
 export function serveGuardRequests(): void {
   const port = globalThis as unknown as { onmessage: (e: MessageEvent<Request>) => void; postMessage(m: Reply, transfer?: ArrayBuffer[]): void };
   port.onmessage = (e) => {
-    const { id, type, message, names } = e.data;
-    const replacement = guardMessage(type, message, 0, message.length, names);
-    port.postMessage({ id, replacement: replacement ?? null }, replacement ? [replacement.buffer as ArrayBuffer] : []);
+    const { id, type, message, options } = e.data;
+    const result = guardMessage(type, message, 0, message.length, options);
+    port.postMessage({ id, result: result ?? null }, result ? [result.bytes.buffer as ArrayBuffer] : []);
   };
 }
 
 interface Job {
   request: Request;
-  resolve: (replacement: Uint8Array | undefined) => void;
+  resolve: (result: GuardResult | undefined) => void;
 }
 
 class GuardWorker {
@@ -53,8 +53,8 @@ class GuardWorker {
   private inFlight: Job | undefined;
 
   /** The verdict on `message` (a copy the caller hands over), checked in `tenant`'s turn. */
-  check(type: number, message: Uint8Array, names: readonly string[], tenant: string): Promise<Uint8Array | undefined> {
-    const request: Request = { id: ++this.next, type, message, names };
+  check(type: number, message: Uint8Array, options: GuardOptions, tenant: string): Promise<GuardResult | undefined> {
+    const request: Request = { id: ++this.next, type, message, options };
     if (this.broken) return Promise.resolve(onMainThread(request));
     return new Promise((resolve) => {
       const queue = this.queues.get(tenant);
@@ -84,7 +84,7 @@ class GuardWorker {
     worker.onmessage = (e: MessageEvent<Reply>) => {
       const job = this.inFlight;
       this.inFlight = undefined;
-      if (job?.request.id === e.data.id) job.resolve(e.data.replacement ?? undefined);
+      if (job?.request.id === e.data.id) job.resolve(e.data.result ?? undefined);
       this.pump();
     };
     worker.onerror = (e) => {
@@ -100,8 +100,8 @@ class GuardWorker {
   }
 }
 
-function onMainThread(r: Request): Uint8Array | undefined {
-  return guardMessage(r.type, r.message, 0, r.message.length, r.names);
+function onMainThread(r: Request): GuardResult | undefined {
+  return guardMessage(r.type, r.message, 0, r.message.length, r.options);
 }
 
 export const guardWorker = new GuardWorker();

@@ -190,7 +190,7 @@ function beginSession(s: Session, p: Extract<StartupPacket, { kind: "startup" }>
     const forbidden = forbiddenStartupParameter(p.params, protectedSettings(s.config.tenantSetting, signatureSetting(s.config.tenantSetting)));
     if (forbidden) return s.fail(errors.forbiddenStartupParameter(forbidden));
     const encoding = startupSettings(p.params, "client_encoding").find(unreadableEncoding);
-    if (s.config.guard && encoding !== undefined) return s.fail(errors.unreadableEncoding(printable(encoding)));
+    if (s.config.guard !== "off" && encoding !== undefined) return s.fail(errors.unreadableEncoding(printable(encoding)));
     upstream.set("user", identity.role);
     // Postgres defaults the database to the user name; clients that fill it
     // in themselves (libpq, psql) send the long name, which is no database.

@@ -13,11 +13,12 @@ import { MAX_STARTUP_PACKET, MIN_STARTUP_PACKET, parseStartupPacket } from "../p
 import { printable, type Identity } from "../tenant/identity.ts";
 import type { ScramClient } from "../auth/scram-client.ts";
 import type { Credentials } from "../auth/credentials.ts";
-import { signatureSetting } from "../tenant/context.ts";
-import { guardMessage, guardWatches, LEX_OFF_LOOP_ABOVE, needsLexing, oversizeSink } from "../guard/guard.ts";
+import { channelPrefix, signatureSetting } from "../tenant/context.ts";
+import { guardMessage, guardWatches, LEX_OFF_LOOP_ABOVE, needsLexing, oversizeSink, type GuardOptions, type GuardResult } from "../guard/guard.ts";
 import { guardWorker } from "../guard/worker.ts";
-import { protectedSettings } from "../guard/rules.ts";
+import { protectedSettings, type RefusalKind } from "../guard/rules.ts";
 import { MessageScanner, type ScannerHooks, type Verdict } from "../protocol/scanner.ts";
+import { DROPPED, MAX_NOTIFICATION, NOTIFICATION_RESPONSE, scopeNotification } from "../protocol/notification.ts";
 import { QueryTracker } from "../protocol/ready.ts";
 import type { CancelKey, CancelRegistry } from "./cancel.ts";
 import { ClientAuth, type Step } from "./client-auth.ts";
@@ -43,6 +44,15 @@ export const MAX_HELD_BYTES = 64 * 1024;
 export const MAX_RELAYED_LOGINS = 16;
 /** Postgres's own limit on a client message (MaxAllocSize). */
 const MAX_CLIENT_MESSAGE = 0x3fffffff;
+/** The largest length a server message header can carry. */
+const MAX_SERVER_MESSAGE = 0x7fffffff;
+
+/** What the log says of a refusal (never the statement itself). */
+const REFUSED: Record<RefusalKind, string> = {
+  context: "refused a statement that would change the role or the tenant context (42501)",
+  channel: "refused a LISTEN/NOTIFY form that multigres cannot scope to the tenant (42501)",
+  strict: "refused a statement that --guard strict does not allow (42501)",
+};
 
 export type ClientSocket = Socket<Session>;
 
@@ -111,7 +121,15 @@ export class Session implements ServerOwner {
   private guardParked = false;
   /** The server is not taking our writes: the client is not read meanwhile. */
   private serverBacklogged = false;
-  private protectedNames: string[] = [];
+  private guardOptions: GuardOptions = { names: [], strict: false };
+  /**
+   * Set in the transparent state of a guarded tenant session: the server's
+   * NotificationResponses are scoped to the session's channels (see
+   * protocol/notification.ts); everything else passes as it came.
+   */
+  private notifications: MessageScanner | undefined;
+  /** The session's channel prefix, as bytes (set with `notifications`). */
+  private channelPrefix = new Uint8Array(0);
   /** Transaction status and whether a query is in flight (transparent state). */
   private tracker: QueryTracker | undefined;
   private lastClientActivity = performance.now();
@@ -322,14 +340,33 @@ export class Session implements ServerOwner {
   serverToClient(bytes: Uint8Array): void {
     try {
       this.tracker?.fromServer(bytes);
+      if (this.notifications) this.notifications.scan(bytes, this.toClientUnlessEmpty, this.scopeNotification);
+      else this.toClient(bytes);
     } catch (e) {
       if (!(e instanceof FramingError)) throw e;
       this.state = this.fail(errors.invalidServerMessage(e.message));
       return;
     }
-    this.toClient(bytes);
     if (this.draining && this.idle) this.terminate();
   }
+
+  private readonly toClientUnlessEmpty = (bytes: Uint8Array): void => {
+    if (bytes.length > 0) this.toClient(bytes);
+  };
+
+  private readonly scopeNotification = (_type: number, bytes: Uint8Array, start: number, end: number): Uint8Array =>
+    scopeNotification(bytes, start, end, this.channelPrefix);
+
+  /** What the notification scanner does with a NotificationResponse too large to be one: drops it. */
+  private readonly notificationHooks: ScannerHooks = {
+    maxWatched: MAX_NOTIFICATION,
+    oversize: () => ({ feed() {}, end: () => DROPPED }),
+    parked() {},
+    resumed() {},
+    failed: (e) => {
+      this.state = this.fail(errors.invalidServerMessage(e.message));
+    },
+  };
 
   /** No transaction open and no query in flight. */
   get idle(): boolean {
@@ -355,17 +392,17 @@ export class Session implements ServerOwner {
 
   private inspect = (type: number, bytes: Uint8Array, start: number, end: number): Verdict | Promise<Verdict> => {
     // A big statement is lexed off the event loop; this session waits for it alone.
-    if (end - start > LEX_OFF_LOOP_ABOVE && needsLexing(type, bytes, start, end)) {
+    if (end - start > LEX_OFF_LOOP_ABOVE && needsLexing(type, bytes, start, end, this.guardOptions)) {
       // Turns are taken per <role>.<tenant>.
       const who = this.identity?.kind === "tenant" ? this.identity.user : "";
-      return guardWorker.check(type, bytes.slice(start, end), this.protectedNames, who).then((r) => this.refused(r));
+      return guardWorker.check(type, bytes.slice(start, end), this.guardOptions, who).then((r) => this.replacement(r));
     }
-    return this.refused(guardMessage(type, bytes, start, end, this.protectedNames));
+    return this.replacement(guardMessage(type, bytes, start, end, this.guardOptions));
   };
 
-  private refused(replacement: Verdict): Verdict {
-    if (replacement) this.log.warn("refused a statement that would change the role or the tenant context (42501)");
-    return replacement;
+  private replacement(result: GuardResult | undefined): Verdict {
+    if (result?.refused) this.log.warn(REFUSED[result.refused]);
+    return result?.bytes;
   }
 
   /** What the guard's scanner tells the session (see protocol/scanner.ts). */
@@ -643,11 +680,20 @@ export class Session implements ServerOwner {
     });
     this.tracker = new QueryTracker();
     this.lastClientActivity = performance.now();
-    if (this.identity?.kind === "tenant" && this.config.guard) {
+    if (this.identity?.kind === "tenant" && this.config.guard !== "off") {
       // Statements up to --guard-max-statement are held and read (header included: +5).
       this.scannerHooks.maxWatched = this.config.guardMaxStatement + 5;
       this.guard = new MessageScanner(guardWatches, MAX_CLIENT_MESSAGE, this.scannerHooks);
-      this.protectedNames = protectedSettings(this.config.tenantSetting, signatureSetting(this.config.tenantSetting));
+      // Channels are this tenant's under the key the proxy holds now; a
+      // rotation (SIGHUP) leaves this session's as they are.
+      const prefix = channelPrefix(this.ctx.contextKey, this.identity.tenant);
+      this.guardOptions = {
+        names: protectedSettings(this.config.tenantSetting, signatureSetting(this.config.tenantSetting)),
+        strict: this.config.guard === "strict",
+        channelPrefix: prefix,
+      };
+      this.channelPrefix = new TextEncoder().encode(prefix);
+      this.notifications = new MessageScanner((type) => type === NOTIFICATION_RESPONSE, MAX_SERVER_MESSAGE, this.notificationHooks);
     }
     for (const bytes of this.heldClient) this.clientToServer(bytes);
     this.heldClient = [];

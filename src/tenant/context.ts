@@ -59,6 +59,21 @@ export function deriveContextKey(secret: string): Uint8Array {
   return new Uint8Array(createHmac("sha256", secret).update("multigres context key v1").digest());
 }
 
+/**
+ * The prefix of a tenant session's LISTEN/NOTIFY channels (guard/channels.ts):
+ * `mg<16 hex>:`, the hex being HMAC-SHA256(subkey, tenant) with subkey =
+ * HMAC-SHA256(key, "multigres notify channel"). Keyed, so that a tenant who
+ * knows its own prefix (pg_listening_channels() shows it) still cannot
+ * compute another tenant's, not even with SQL the proxy cannot read; the
+ * subkey keeps this use of the context key apart from signing contexts.
+ * Sessions prefixed under different keys (proxies with different secrets,
+ * or before and after a rotation) do not hear each other.
+ */
+export function channelPrefix(key: Uint8Array, tenant: string): string {
+  const subkey = createHmac("sha256", key).update("multigres notify channel").digest();
+  return `mg${createHmac("sha256", subkey).update(tenant).digest("hex").slice(0, 16)}:`;
+}
+
 /** The id setup.sql gives a key: the first 12 hex digits of sha256(key). */
 export function contextKeyId(key: Uint8Array): string {
   return createHash("sha256").update(key).digest("hex").slice(0, 12);

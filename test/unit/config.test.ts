@@ -60,7 +60,7 @@ describe("defaults", () => {
     expect(c.role).toBeUndefined();
     expect(c.md5Auth).toBe("loopback");
     expect(c.startupTimeout).toBe(15_000);
-    expect(c.guard).toBe(true);
+    expect(c.guard).toBe("on");
     expect(c.logLevel).toBe("info");
   });
 
@@ -169,7 +169,7 @@ describe("precedence: flags > environment > file > default", () => {
       expect(c.role).toBe("reader");
       expect(c.md5Auth).toBe("refuse");
       expect(c.startupTimeout).toBe(1234);
-      expect(c.guard).toBe(false);
+      expect(c.guard).toBe("off");
       expect(c.logLevel).toBe("debug");
     };
     const flags: Record<string, string> = {};
@@ -302,13 +302,18 @@ describe("context secret and guard", () => {
     expect(p).toHaveLength(1);
   });
 
-  test("guard: on/off/true/false strings and TOML booleans", () => {
-    for (const [value, expected] of [["on", true], ["off", false], ["true", true], ["false", false]] as const) {
+  test("guard: on/off/strict/true/false strings and TOML booleans", () => {
+    for (const [value, expected] of [["on", "on"], ["off", "off"], ["strict", "strict"], ["true", "on"], ["false", "off"]] as const) {
       expect(resolveConfig({ flags: { guard: value } }).guard).toBe(expected);
     }
-    expect(resolveConfig({ file: file({ guard: false }) }).guard).toBe(false);
-    expect(resolveConfig({ file: file({ guard: true }) }).guard).toBe(true);
-    expect(problems({ env: { MULTIGRES_GUARD: "maybe" } })[0]).toStartWith("MULTIGRES_GUARD (environment): ");
+    expect(resolveConfig({ file: file({ guard: false }) }).guard).toBe("off");
+    expect(resolveConfig({ file: file({ guard: true }) }).guard).toBe("on");
+    expect(resolveConfig({ file: file({ guard: "strict" }) }).guard).toBe("strict");
+    expect(resolveConfig({ env: { MULTIGRES_GUARD: "strict" } }).guard).toBe("strict");
+    const p = problems({ env: { MULTIGRES_GUARD: "maybe" } });
+    expect(p[0]).toStartWith("MULTIGRES_GUARD (environment): ");
+    expect(p[0]).toContain('"on", "off" or "strict"');
+    expect(problems({ flags: { guard: "STRICT" } })[0]).toStartWith("--guard: ");
   });
 });
 

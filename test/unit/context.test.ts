@@ -12,12 +12,15 @@
  *   printf '%s' "multigres context key v1" | openssl dgst -sha256 -hmac "$SECRET"      → key
  *   printf '%s' "tenant_a/4242/1764480000123456" | openssl dgst -sha256 -mac HMAC -macopt hexkey:$key → signature
  *   printf "$key" | xxd -r -p | sha256sum                                               → key id (first 12)
+ *   printf '%s' "multigres notify channel" | openssl dgst -sha256 -mac HMAC -macopt hexkey:$key → subkey
+ *   printf '%s' "tenant_a" | openssl dgst -sha256 -mac HMAC -macopt hexkey:$subkey          → channel prefix (first 16)
  */
 import { describe, expect, test } from "bun:test";
 import fc from "fast-check";
 import { Framer } from "../../src/protocol/framer.ts";
 import {
   bindingQuery,
+  channelPrefix,
   contextKeyId,
   contextQuery,
   deriveContextKey,
@@ -119,6 +122,23 @@ describe("key derivation and signatures", () => {
 
   test("the signature lives next to the tenant setting", () => {
     expect(signatureSetting("app.current_tenant_id")).toBe("app.current_tenant_id_sig");
+  });
+});
+
+describe("channel prefix (LISTEN/NOTIFY scoping)", () => {
+  test("is mg + 16 hex of HMAC-SHA256(HMAC-SHA256(key, 'multigres notify channel'), tenant) + ':'", () => {
+    expect(channelPrefix(key, "tenant_a")).toBe("mg42870a78a8b4477a:");
+  });
+
+  test("depends on the tenant and the key, always 19 bytes of [0-9a-g:m]", () => {
+    const p = channelPrefix(key, "tenant_a");
+    expect(channelPrefix(key, "tenant_b")).not.toBe(p);
+    expect(channelPrefix(deriveContextKey(SECRET + "x"), "tenant_a")).not.toBe(p);
+    fc.assert(
+      fc.property(fc.string({ minLength: 1, maxLength: 63 }), (tenant) => {
+        expect(channelPrefix(key, tenant)).toMatch(/^mg[0-9a-f]{16}:$/);
+      }),
+    );
   });
 });
 

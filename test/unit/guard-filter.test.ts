@@ -1,6 +1,6 @@
 import { describe, expect, test } from "bun:test";
 import fc from "fast-check";
-import { mayBeForbidden, oversizeSink } from "../../src/guard/guard.ts";
+import { CHANNEL_WORDS, CONTEXT_WORDS, mayBeForbidden, oversizeSink, STRICT_WORDS, triggerWords } from "../../src/guard/guard.ts";
 import { checkSql, protectedSettings } from "../../src/guard/rules.ts";
 
 const names = protectedSettings("app.current_tenant_id", "app.current_tenant_id_sig");
@@ -33,6 +33,21 @@ describe("guard byte filter", () => {
     expect(mayBeForbidden(q, 3, q.length)).toBe(false);
     expect(mayBeForbidden(q, 0, 4)).toBe(false);
     expect(mayBeForbidden(q, 2, 5)).toBe(true);
+  });
+
+  test("tells the groups apart: context, channel and strict words; u& is all of them", () => {
+    const groups = (q: string, want?: number) => triggerWords(bytes(q), 0, q.length, want);
+    expect(groups("SELECT abalance FROM pgbench_accounts WHERE aid = $1")).toBe(0);
+    expect(groups("update t set x = 1")).toBe(CONTEXT_WORDS);
+    expect(groups("LISTEN jobs")).toBe(CHANNEL_WORDS);
+    expect(groups("select pg_notify($1, $2)")).toBe(CHANNEL_WORDS);
+    expect(groups("EXPLAIN ANALYZE select 1")).toBe(STRICT_WORDS);
+    expect(groups("lock t")).toBe(STRICT_WORDS);
+    expect(groups("begin; lock t; notify x; set role r")).toBe(CONTEXT_WORDS | CHANNEL_WORDS | STRICT_WORDS);
+    expect(groups(`select U&"\\0070g_notify"(a, b)`)).toBe(CONTEXT_WORDS | CHANNEL_WORDS | STRICT_WORDS);
+    // only the groups asked for
+    expect(groups("notify x; set role r", CHANNEL_WORDS)).toBe(CHANNEL_WORDS);
+    expect(groups("explain select 1", CONTEXT_WORDS | CHANNEL_WORDS)).toBe(0);
   });
 
   test("never hides a statement the rules would refuse", () => {
