@@ -62,7 +62,8 @@ export interface GuardResult {
 /**
  * Words the byte filter looks for, by the rules that need them (a bit
  * each): those of the role and context rules, those of channels
- * (listen, notify), those of --guard strict (explain, lock).
+ * (listen, notify), those of --guard strict (explain, lock, do, function,
+ * procedure).
  */
 export const CONTEXT_WORDS = 1;
 export const CHANNEL_WORDS = 2;
@@ -170,6 +171,14 @@ export function triggerWords(b: Uint8Array, from = 0, to = b.length, want = CONT
         break;
       case 0x64 /* d */:
         if (at(i, "disc")) found |= CONTEXT_WORDS & want;
+        // DO as a word of its own (not "done", "random"): a DO block, or an upsert's DO UPDATE.
+        else if (want & STRICT_WORDS && at(i, "do") && !identByte(b[i + 2]) && (i === from || !identByte(b[i - 1]))) found |= STRICT_WORDS;
+        break;
+      case 0x66 /* f */:
+        if (want & STRICT_WORDS && at(i, "function")) found |= STRICT_WORDS;
+        break;
+      case 0x70 /* p */:
+        if (want & STRICT_WORDS && at(i, "procedure")) found |= STRICT_WORDS;
         break;
       case 0x72 /* r */:
         if (at(i, "role")) found |= CONTEXT_WORDS & want;
@@ -195,6 +204,13 @@ export function triggerWords(b: Uint8Array, from = 0, to = b.length, want = CONT
     }
   }
   return found;
+}
+
+/** A byte that can continue an identifier (letters, digits, _, $, and any non-ASCII byte). */
+function identByte(c: number | undefined): boolean {
+  if (c === undefined) return false;
+  const l = c | 0x20;
+  return (l >= 0x61 && l <= 0x7a) || (c >= 0x30 && c <= 0x39) || c === 0x5f || c === 0x24 || c >= 0x80;
 }
 
 /** Whether the bytes may hold a statement the role and context rules refuse (the filter's first group). */

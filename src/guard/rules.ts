@@ -23,7 +23,7 @@ export type RefusalKind = "context" | "channel" | "strict";
 export interface RuleOptions {
   /** The protected settings (protectedSettings()). */
   names: readonly string[];
-  /** --guard strict: also refuse EXPLAIN ANALYZE and LOCK above ROW EXCLUSIVE. */
+  /** --guard strict: also refuse EXPLAIN ANALYZE, LOCK above ROW EXCLUSIVE, DO and CREATE FUNCTION/PROCEDURE. */
   strict?: boolean;
 }
 
@@ -51,7 +51,7 @@ function check(tokens: Token[], o: RuleOptions, depth: number): Verdict | undefi
 export const BLOCK_STARTS = new Set(["begin", "then", "else", "loop"]);
 
 function checkStatement(t: Token[], o: RuleOptions, depth: number): Verdict | undefined {
-  const v = checkHead(t, 0, o) ?? (o.strict ? checkExplain(t) : undefined);
+  const v = checkHead(t, 0, o) ?? (o.strict ? (depth === 0 ? checkRunTimeSql(t) : undefined) ?? checkExplain(t) : undefined);
   if (v) return v;
   if (depth > 0) {
     // Inside a function body `BEGIN SET ROLE …` or `IF … THEN RESET ALL`
@@ -122,6 +122,28 @@ function checkHead(t: Token[], at: number, o: RuleOptions): Verdict | undefined 
 }
 
 const STRICT_HINT = "the proxy runs with --guard strict, which keeps tenants from statements that reveal or hold up other tenants' work";
+
+/**
+ * --guard strict: DO blocks and CREATE [OR REPLACE] FUNCTION|PROCEDURE.
+ * Their bodies can build SQL at run time (EXECUTE), which no guard can
+ * read: ALTER ROLE … SET for every tenant's next session, EXPLAIN ANALYZE,
+ * LOCK, a notification on a raw channel. With them refused, a tenant
+ * session runs only SQL the guard has read (and functions the schema's
+ * owner wrote). After `multigres setup` the role can create functions in
+ * pg_temp only, so nothing an application needs at run time is lost.
+ */
+function checkRunTimeSql(t: Token[]): Verdict | undefined {
+  const word = (i: number) => (t[i]?.kind === "word" ? t[i]!.value : undefined);
+  const hint = STRICT_HINT + "; run DO blocks and create functions in migrations, as the tables' owner";
+  if (word(0) === "do") {
+    return refuse(t, 0, "DO blocks are not allowed under --guard strict: the SQL they build at run time is out of the guard's sight", hint, "strict");
+  }
+  const kind = word(0) === "create" ? (word(1) === "or" && word(2) === "replace" ? word(3) : word(1)) : undefined;
+  if (kind === "function" || kind === "procedure") {
+    return refuse(t, 0, `CREATE ${kind.toUpperCase()} is not allowed under --guard strict: the SQL its body builds at run time is out of the guard's sight`, hint, "strict");
+  }
+  return undefined;
+}
 
 /**
  * --guard strict: EXPLAIN ANALYZE in every spelling. It runs the statement

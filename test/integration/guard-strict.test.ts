@@ -110,12 +110,17 @@ const LOCKS_REFUSED = [
 
 const LOCKS_ALLOWED = ["LOCK TABLE notes IN ROW EXCLUSIVE MODE", "LOCK notes IN ROW SHARE MODE", "lock table only notes in access share mode nowait"];
 
+/** SQL built at run time (DO blocks, new functions): refused whatever it holds, readable or not. */
 const BODIES = [
   `DO $$ BEGIN LOCK notes; END $$`,
   `DO $$ BEGIN IF true THEN LOCK TABLE notes IN SHARE MODE; END IF; END $$`,
   `DO $$ DECLARE r record; BEGIN FOR r IN EXPLAIN ANALYZE SELECT * FROM notes LOOP RAISE NOTICE '%', r; END LOOP; END $$`,
+  `DO $$ BEGIN EXECUTE 'LOCK ' || 'notes'; END $$`,
+  `DO $$ BEGIN EXECUTE format('ALTER ROLE %I SET statement_timeout = 1', current_user); END $$`,
   // Refused before the server could say whether the role may create it.
   `CREATE FUNCTION strict_plan() RETURNS SETOF text LANGUAGE plpgsql AS $$ BEGIN RETURN QUERY EXPLAIN (ANALYZE) SELECT * FROM notes; END $$`,
+  `CREATE OR REPLACE FUNCTION pg_temp.run(q text) RETURNS void LANGUAGE plpgsql AS $$ BEGIN EXECUTE q; END $$`,
+  `CREATE PROCEDURE pg_temp.p() LANGUAGE sql AS 'SELECT 1'`,
 ];
 
 describe("--guard strict refuses, for tenant sessions", () => {
@@ -136,9 +141,10 @@ describe("--guard strict refuses, for tenant sessions", () => {
       }));
   }
   for (const sql of BODIES) {
-    test(`inside a body: ${sql}`, () =>
+    test(`SQL built at run time: ${sql}`, () =>
       asTenantA(strict, async (c) => {
-        expectStrictRefusal(await outcome(() => c.unsafe(sql)), /EXPLAIN ANALYZE|LOCK in/);
+        expectStrictRefusal(await outcome(() => c.unsafe(sql)), /multigres: (DO blocks|CREATE (FUNCTION|PROCEDURE)) (are|is) not allowed under --guard strict/);
+        expectStrictRefusal(await outcome(() => c.unsafe(sql, [], { prepare: true })), /not allowed under --guard strict/);
         await expectWorking(c);
       }));
   }

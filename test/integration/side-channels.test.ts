@@ -28,14 +28,16 @@ type Tenant = keyof typeof PASSWORD;
 let pg: PgInstance;
 let scratch: Scratch;
 let proxy: ProxyHandle;
+/** The same, with --guard strict. */
+let strictProxy: ProxyHandle;
 let db: { name: string; url: string };
 let role: string;
 let dir: string;
 const clients: Client[] = [];
 
 /** A tenant's session through the proxy (postgres.js, one connection). */
-function tenant(t: Tenant): Client {
-  const c = connect(proxy.url({ user: `${role}.${t}`, password: PASSWORD[t], database: db.name }), { max: 1 });
+function tenant(t: Tenant, through: ProxyHandle = proxy): Client {
+  const c = connect(through.url({ user: `${role}.${t}`, password: PASSWORD[t], database: db.name }), { max: 1 });
   clients.push(c);
   return c;
 }
@@ -68,7 +70,7 @@ beforeAll(async () => {
       GRANT CREATE ON SCHEMA public TO PUBLIC;
       CREATE EXTENSION pg_stat_statements;
       CREATE TABLE public.secrets (id bigserial PRIMARY KEY, tenant_id text NOT NULL, v text NOT NULL);
-      CREATE INDEX ON public.secrets (tenant_id, v);
+      CREATE INDEX ON public.secrets (v);  -- not led by the tenant column: the bisection oracle doctor warns about
       GRANT ALL ON ALL TABLES IN SCHEMA public TO "${role}";
       GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO "${role}";`),
   );
@@ -85,16 +87,15 @@ beforeAll(async () => {
       INSERT INTO public.secrets (tenant_id, v) VALUES ('a', 'a1'), ('b', 'b1'), ('b', 'b-card-4111-1111');`),
   );
   const authFile = writeTempFile(`side-userlist-${process.pid}.txt`, `${(["a", "b"] as const).map((t) => userlistLine(`${role}.${t}`, PASSWORD[t])).join("\n")}\n`);
-  proxy = await startProxy({
-    upstreamPort: pg.port,
-    database: db.name,
-    args: ["--auth-file", authFile, "--upstream-password-file", upstreamFile, "--database", db.name],
-  });
+  const args = ["--auth-file", authFile, "--upstream-password-file", upstreamFile, "--database", db.name];
+  proxy = await startProxy({ upstreamPort: pg.port, database: db.name, args });
+  strictProxy = await startProxy({ upstreamPort: pg.port, database: db.name, args: [...args, "--guard", "strict"] });
 });
 
 afterAll(async () => {
   await Promise.all(clients.map((c) => c.end({ timeout: 5 }).catch(() => {})));
   await proxy?.stop();
+  await strictProxy?.stop();
   await scratch?.drop();
   if (dir) rmSync(dir, { recursive: true, force: true });
 });
@@ -130,6 +131,21 @@ describe("index bisection: counters of the rows row-level security drops", () =>
     const [control] = await superuser((sql) => sql`SELECT count(*)::int AS n FROM pg_stat_user_tables WHERE relname = 'secrets'`);
     expect(control?.n).toBe(1);
   });
+
+  test("EXPLAIN ANALYZE shows the dropped rows under --guard on; --guard strict refuses it, also built at run time", async () => {
+    const query = `EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) SELECT v FROM public.secrets WHERE v > 'b'`;
+    const on = tenant("a");
+    await on`SET enable_seqscan = off`; // the attacker's choice of plan: the index on v
+    const plan = (await rows(on.unsafe(query))).map((r) => String(r["QUERY PLAN"])).join("\n");
+    expect(plan).toContain("(actual rows=0 "); // a sees none of them...
+    expect(plan).toMatch(/Rows Removed by Filter: 2\b/); // ...and learns that tenant b has two values above 'b'
+    const a = tenant("a", strictProxy);
+    expect({
+      explain: await outcome(a.unsafe(query)),
+      dynamic: await outcome(a.unsafe(`DO $$ DECLARE r record; BEGIN FOR r IN EXECUTE 'EXPLAIN ANALYZE SELECT 1' LOOP END LOOP; END $$`)),
+    }).toEqual({ explain: "42501", dynamic: "42501" });
+    expect(await rows(a`SELECT v FROM public.secrets`)).toEqual([{ v: "a1" }]);
+  });
 });
 
 describe("pg_stat_statements: utility statements kept verbatim", () => {
@@ -158,6 +174,26 @@ describe("trojans: objects planted for other tenants' statements to resolve to",
     }).toEqual({ operator: "42501", function: "42501", schema: "42501", trigger: "42501", truncate: "42501", alterRole: "42501" });
     const [{ n }] = await superuser((sql) => rows(sql`SELECT count(*)::int AS n FROM public.secrets`));
     expect(n).toBe(3);
+  });
+});
+
+describe("LISTEN/NOTIFY: channels are per database", () => {
+  test("tenant a neither hears tenant b's notifications nor speaks into its channel; tenant b hears its own, by its own name", async () => {
+    const heard: string[] = [];
+    const b = tenant("b");
+    const listening = await b.listen("orders", (payload) => heard.push(payload));
+    try {
+      const a = tenant("a");
+      await a.notify("orders", "forged by a");
+      await a`SELECT pg_notify('orders', 'forged by a, pg_notify')`;
+      // Commit order is delivery order: had a's reached b, it would come first.
+      await tenant("b").notify("orders", "from b");
+      await b`SELECT 1`; // a round trip after the notification was sent
+      while (heard.length === 0) await b`SELECT 1`;
+      expect(heard).toEqual(["from b"]);
+    } finally {
+      await listening.unlisten();
+    }
   });
 });
 
@@ -212,6 +248,21 @@ describe("availability: one tenant against every tenant's sessions", () => {
       terminate: await outcome(a`SELECT pg_terminate_backend(${pid}::int)`),
     }).toEqual({ cancel: "42501", terminate: "42501" });
     expect(await rows(b`SELECT v FROM public.secrets ORDER BY v`)).toEqual([{ v: "b-card-4111-1111" }, { v: "b1" }]);
+  });
+
+  test("--guard strict: no LOCK that stalls other tenants, no role-level setting built at run time", async () => {
+    const a = tenant("a", strictProxy);
+    await a`BEGIN`;
+    expect(await outcome(a`LOCK TABLE public.secrets IN ACCESS EXCLUSIVE MODE`)).toBe("42501");
+    await a`ROLLBACK`;
+    expect(await outcome(a.unsafe(`DO $$ BEGIN EXECUTE format('ALTER ROLE %I SET statement_timeout = 1', current_user); END $$`))).toBe("42501");
+    const [setting] = await superuser((sql) => rows(sql`SELECT count(*)::int AS n FROM pg_db_role_setting WHERE setrole = ${role}::regrole AND 'statement_timeout=1' = ANY (setconfig)`));
+    expect(setting.n).toBe(0);
+    // Under --guard on the same LOCK goes through (why strict refuses it).
+    const on = tenant("a");
+    await on`BEGIN`;
+    expect(await outcome(on`LOCK TABLE public.secrets IN ACCESS EXCLUSIVE MODE`)).toBe("allowed");
+    await on`ROLLBACK`;
   });
 
   test("ALTER ROLE … SET row_security = off, even through dynamic SQL, does not break other tenants' new sessions", async () => {

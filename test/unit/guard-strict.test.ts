@@ -83,7 +83,40 @@ const BODIES = [
   "CREATE PROCEDURE p() LANGUAGE plpgsql AS 'BEGIN LOCK t; END'",
 ];
 
+const RUN_TIME_SQL = [
+  "DO $$ BEGIN EXECUTE 'ALTER ROLE app_user SET statement_timeout = 1'; END $$",
+  "do 'begin null; end'",
+  "DO LANGUAGE plpgsql $$ BEGIN END $$",
+  "select 1; DO $$ BEGIN END $$",
+  "CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+  "create or replace function pg_temp.f() returns void language plpgsql as $$ begin execute 'lock t'; end $$",
+  "CREATE PROCEDURE pg_temp.p() LANGUAGE plpgsql AS $$ BEGIN END $$",
+  "/* c */ Create Or Replace Procedure p() language sql as 'select 1'",
+];
+
+const RUN_TIME_ALLOWED = [
+  "INSERT INTO t VALUES (1) ON CONFLICT (id) DO NOTHING",
+  "insert into t values (1) on conflict (id) do update set x = 1",
+  "select 'do $$ begin end $$'",
+  "select done, undo from t",
+  "CALL p()",
+  "SELECT f()",
+  "DROP FUNCTION pg_temp.f()",
+];
+
 describe("--guard strict", () => {
+  test.each(RUN_TIME_SQL)("refuses SQL built at run time: %s", (sql) => {
+    const v = strict(sql);
+    expect(v?.kind).toBe("strict");
+    expect(v?.reason).toMatch(/^(DO blocks|CREATE (FUNCTION|PROCEDURE)) (are|is) not allowed under --guard strict/);
+    expect(v?.hint).toContain("migrations");
+    expect(on(sql)).toBeUndefined();
+  });
+
+  test.each(RUN_TIME_ALLOWED)("lets through %s", (sql) => {
+    expect(strict(sql)).toBeUndefined();
+  });
+
   test.each(EXPLAIN_ANALYZE)("refuses %s", (sql) => {
     const v = strict(sql);
     expect(v?.kind).toBe("strict");
@@ -128,6 +161,7 @@ describe("properties", () => {
     "explain", "EXPLAIN", "analyze", "analyse", "verbose", "(", ")", ",", "true", "false", "off", "on", "0", "1", "'x'", '"analyze"', "-",
     "lock", "LOCK", "table", "only", "t", "*", "in", "share", "row", "exclusive", "access", "update", "mode", "nowait", ";",
     "do", "$$", "begin", "then", "loop", "else", "end", "select", "for", "r", "return", "query", "--", "\n", "/*", "*/",
+    "create", "or", "replace", "function", "procedure", "f()", "undo", "on conflict",
   );
   const soup = fc.array(word, { maxLength: 16 }).map((w) => w.join(" "));
 
@@ -149,8 +183,9 @@ describe("properties", () => {
     );
   });
 
-  test("a long body of allowed LOCKs and EXPLAINs with one refused LOCK at the end", () => {
+  test("a long body of allowed LOCKs and EXPLAINs with one refused LOCK at the end: a DO block, refused as one", () => {
     const body = `DO $$ BEGIN ${"BEGIN LOCK t IN ROW EXCLUSIVE MODE; EXPLAIN (COSTS off, VERBOSE) SELECT 1; ".repeat(2000)} LOCK t; END $$`;
-    expect(strict(body)?.reason).toContain("ACCESS EXCLUSIVE");
+    expect(strict(body)?.reason).toContain("DO blocks");
+    expect(on(body)).toBeUndefined();
   });
 });
